@@ -19,7 +19,6 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 
 use crate::capabilities::{self, CapMask};
 use crate::cgroup::ContextCgroup;
