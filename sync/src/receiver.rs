@@ -1,0 +1,194 @@
+//! The receiving side of a round (transport-agnostic).
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::entry::{display, Kind};
+use crate::error::{Result, SyncError};
+use crate::session::{run_blocking, Peer};
+use crate::store::{ApplyStats, Applier, Store};
+use crate::wire::{Frame, MANIFEST_BATCH};
+
+/// What a received round did.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Tree name.
+    pub name: String,
+    /// Sequence number of the current snapshot after the round.
+    pub seq: u64,
+    /// Whether a new version was made (false: nothing had changed).
+    pub new_version: bool,
+    /// Applier figures.
+    pub stats: ApplyStats,
+    /// Bytes read from the stream.
+    pub bytes_received: u64,
+    /// Bytes written to the stream.
+    pub bytes_sent: u64,
+}
+
+fn token_ok(expected: Option<&[u8]>, got: &[u8]) -> bool {
+    match expected {
+        None => true,
+        Some(e) => {
+            // Constant-time compare of equal-length tokens.
+            e.len() == got.len() && e.iter().zip(got).fold(0u8, |a, (x, y)| a | (x ^ y)) == 0
+        }
+    }
+}
+
+/// Receive one round from `stream` into `store`. Any refusal is sent to the
+/// peer as `Refused` with the reason and returned as the error; the previous
+/// snapshot stays current.
+pub async fn receive<S>(store: Arc<Store>, stream: S, token: Option<Vec<u8>>) -> Result<Received>
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (r, c) = run_blocking(stream, move |peer| {
+        let r = receive_blocking(&store, peer, token.as_deref());
+        if let Err(e) = &r {
+            tracing::warn!(error = %e, "round refused");
+            if !matches!(e, SyncError::Stream(_) | SyncError::Truncated(_)) {
+                let _ = peer.send(Frame::Refused(e.to_string()));
+            }
+        }
+        r
+    })
+    .await?;
+    Ok(Received {
+        bytes_received: c.received.load(std::sync::atomic::Ordering::Relaxed),
+        bytes_sent: c.sent.load(std::sync::atomic::Ordering::Relaxed),
+        ..r
+    })
+}
+
+fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Result<Received> {
+    let (name, tok, flags) = match peer.recv()? {
+        Frame::Hello { name, token, flags } => (name, token, flags),
+        f => return Err(SyncError::Handshake(format!("expected Hello, got {}", f.name()))),
+    };
+    if !token_ok(token, &tok) {
+        return Err(SyncError::BadToken);
+    }
+    let _busy = store.lock(&name)?;
+    let unified = flags & 1 != 0;
+    let current = store.current(&name)?;
+    let (digest, seq) = current.as_ref().map(|s| (s.index.digest, s.seq)).unwrap_or(([0; 32], 0));
+    tracing::info!(%name, seq, "round started");
+    peer.send(Frame::Welcome { digest, seq })?;
+    let mut applier: Option<Applier<'_>> = None;
+    let mut pool_applier_needed = unified;
+    loop {
+        match peer.recv()? {
+            Frame::NeedManifest => {
+                let entries = current.as_ref().map(|s| &s.index.entries[..]).unwrap_or(&[]);
+                for c in entries.chunks(MANIFEST_BATCH) {
+                    peer.send(Frame::ManifestChunk(c.to_vec()))?;
+                }
+                peer.send(Frame::ManifestEnd { count: entries.len() as u64 })?;
+            }
+            Frame::HaveManifest => {}
+            Frame::SigRequest { path, block } => {
+                let s = current.as_ref().ok_or_else(|| SyncError::Protocol("signature request without a snapshot".into()))?;
+                let e = s
+                    .index
+                    .get(&path)
+                    .filter(|e| e.kind == Kind::File)
+                    .ok_or_else(|| SyncError::Protocol(format!("signature of {:?}, not a file of the snapshot", display(&path))))?;
+                if block != crate::delta::block_size(e.size) {
+                    return Err(SyncError::Protocol("signature block size mismatch".into()));
+                }
+                let f = crate::fsops::open_read(
+                    open_version(store, &name, s.seq)?.dir(crate::entry::split_parent(&path).0)?,
+                    crate::entry::split_parent(&path).1,
+                    &path,
+                )?;
+                let sums = crate::delta::signature(std::io::BufReader::with_capacity(1 << 20, f), block)
+                    .map_err(|e| SyncError::Io { op: "read", path: crate::fsops::p(&path), source: e })?;
+                peer.send(Frame::Signature { block, sums })?;
+            }
+            Frame::HashQuery(h) => {
+                if applier.is_none() {
+                    applier = Some(Applier::begin(store, &name, current.clone(), unified)?);
+                    pool_applier_needed = false;
+                }
+                let have = applier.as_ref().map(|a| a.pool_has(&h)).unwrap_or_default();
+                peer.send(Frame::HashHave(have))?;
+            }
+            Frame::Begin => {
+                if applier.is_none() {
+                    applier = Some(Applier::begin(store, &name, current.clone(), unified)?);
+                }
+                let _ = pool_applier_needed;
+                if let Some(a) = &applier {
+                    a.set_unified(unified)?;
+                }
+                return stream_changes(peer, applier.take().ok_or_else(|| SyncError::Protocol("no applier".into()))?, &name);
+            }
+            Frame::End { digest: d, count } => {
+                // Nothing changed: the sender's tree is the current snapshot.
+                if current.is_none() || d != digest || count != current.as_ref().map(|s| s.index.entries.len() as u64).unwrap_or(0) {
+                    return Err(SyncError::Protocol("End without changes, but the digest differs from the current snapshot".into()));
+                }
+                peer.send(Frame::Committed { seq, unified_bytes: 0 })?;
+                return Ok(Received {
+                    name,
+                    seq,
+                    new_version: false,
+                    stats: ApplyStats::default(),
+                    bytes_received: 0,
+                    bytes_sent: 0,
+                });
+            }
+            Frame::Abort(why) => return Err(SyncError::Aborted(format!("sender aborted: {why}"))),
+            f => return Err(SyncError::Protocol(format!("unexpected {} before Begin", f.name()))),
+        }
+    }
+}
+
+fn open_version(store: &Store, name: &str, seq: u64) -> Result<crate::fsops::DirCache> {
+    let p = store.dir().join(".vsha").join(name).join("v").join(seq.to_string());
+    let fd = rustix::fs::open(&p, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NOFOLLOW, rustix::fs::Mode::empty())
+        .map_err(|e| SyncError::Io { op: "open", path: p.clone(), source: e.into() })?;
+    Ok(crate::fsops::DirCache::new(fd))
+}
+
+fn stream_changes(peer: &mut Peer, mut a: Applier<'_>, name: &str) -> Result<Received> {
+    loop {
+        match peer.recv()? {
+            Frame::Put { entry, source } => {
+                if let Some(mut inc) = a.put(entry, source)? {
+                    loop {
+                        match peer.recv()? {
+                            Frame::Data(d) => a.data(&mut inc, &d)?,
+                            Frame::Hole(n) => a.hole(&mut inc, n)?,
+                            Frame::Copy { start, count } => a.copy(&mut inc, start, count)?,
+                            Frame::FileEnd(h) => {
+                                a.file_end(inc, h)?;
+                                break;
+                            }
+                            Frame::Abort(why) => return Err(SyncError::Aborted(format!("sender aborted: {why}"))),
+                            f => return Err(SyncError::Protocol(format!("unexpected {} inside a file", f.name()))),
+                        }
+                    }
+                }
+            }
+            Frame::Delete(p) => a.delete(&p)?,
+            Frame::End { digest, count } => {
+                let (seq, stats) = a.finish(digest, count)?;
+                tracing::info!(%name, seq, changed = stats.changed, deleted = stats.deleted, "round committed");
+                peer.send(Frame::Committed { seq, unified_bytes: stats.unified_bytes })?;
+                return Ok(Received {
+                    name: name.to_string(),
+                    seq,
+                    new_version: true,
+                    stats,
+                    bytes_received: 0,
+                    bytes_sent: 0,
+                });
+            }
+            Frame::Abort(why) => return Err(SyncError::Aborted(format!("sender aborted: {why}"))),
+            f => return Err(SyncError::Protocol(format!("unexpected {} in the change stream", f.name()))),
+        }
+    }
+}

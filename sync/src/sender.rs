@@ -1,0 +1,640 @@
+//! The sending side of a round (transport-agnostic).
+
+use std::collections::{HashMap, HashSet};
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::sync_channel;
+use std::time::{Duration, Instant, SystemTime};
+
+use rayon::prelude::*;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::delta::{block_size, DELTA_MIN};
+use crate::entry::{key_cmp, tree_digest, Entry, Kind};
+use crate::error::{IoCtx, Result, SyncError};
+use crate::scan::{io_pool, join, Index};
+use crate::session::{run_blocking, Peer};
+use crate::wire::{Frame, Source, CHUNK};
+
+/// Options of a push.
+#[derive(Debug, Clone, Default)]
+pub struct PushOptions {
+    /// The tree takes part in unification on the receiver.
+    pub unified: bool,
+    /// Use the fanotify change journal between rounds (needs root).
+    pub journal: bool,
+    /// Freeze this cgroup (v2 directory or v1 freezer directory) during the
+    /// last short pass of a round.
+    pub freeze: Option<crate::freeze::FreezeConfig>,
+    /// Keep sending rounds as the tree changes (`--watch`); otherwise one round.
+    pub watch: bool,
+    /// Pause between watch rounds when nothing changed.
+    pub interval: Option<Duration>,
+    /// Where the sender keeps its index between runs (hash cache and the
+    /// receiver's manifest); none: in memory only.
+    pub state_file: Option<PathBuf>,
+}
+
+/// Figures of one round (what the agent shows).
+#[derive(Debug, Clone, Default)]
+pub struct RoundStats {
+    /// Bytes written to the stream.
+    pub bytes_sent: u64,
+    /// Bytes read from the stream.
+    pub bytes_received: u64,
+    /// Entries created or changed on the receiver.
+    pub files_changed: u64,
+    /// Entries deleted on the receiver.
+    pub files_deleted: u64,
+    /// File content bytes sent literally.
+    pub literal_bytes: u64,
+    /// Bytes the receiver rebuilt from its own blocks (deltas).
+    pub matched_bytes: u64,
+    /// Bytes the receiver took from other unified trees instead of the wire.
+    pub unified_bytes: u64,
+    /// Entries in the tree.
+    pub entries: u64,
+    /// Whole round, scan included.
+    pub round_duration: Duration,
+    /// Scan part.
+    pub scan_duration: Duration,
+    /// How long the cgroup was frozen (none: no freeze).
+    pub freeze_duration: Option<Duration>,
+    /// Whether this round walked the whole tree (no journal, start-up, overflow).
+    pub full_scan: bool,
+    /// Rounds so far that fell back to a full scan although a journal was asked for.
+    pub journal_fallbacks: u64,
+    /// Receiver's sequence number after the round.
+    pub seq: u64,
+    /// Nothing had changed.
+    pub unchanged: bool,
+    /// Age of the newest complete snapshot right after this round: time since
+    /// its scan began.
+    pub lag: Duration,
+}
+
+/// What a sender keeps between rounds.
+#[derive(Default)]
+pub struct SenderState {
+    /// The index the receiver committed last (also the hash cache).
+    pub last: Option<Index>,
+    /// When the scan of the last committed round began.
+    pub last_point: Option<SystemTime>,
+    /// The change journal, when used.
+    pub journal: Option<crate::journal::Journal>,
+    /// Full-scan fallbacks so far.
+    pub fallbacks: u64,
+}
+
+impl std::fmt::Debug for SenderState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SenderState")
+            .field("entries", &self.last.as_ref().map(|i| i.entries.len()))
+            .field("journal", &self.journal.is_some())
+            .field("fallbacks", &self.fallbacks)
+            .finish()
+    }
+}
+
+impl SenderState {
+    /// Age of the newest snapshot this sender completed (the lag).
+    pub fn lag(&self) -> Option<Duration> {
+        self.last_point.map(|t| t.elapsed().unwrap_or_default())
+    }
+
+    /// Load a persisted index (hash cache and receiver manifest).
+    pub fn load(path: &Path) -> SenderState {
+        let idx = std::fs::read(path).ok().and_then(|b| crate::store::decode_manifest(&b).ok());
+        SenderState { last: idx, ..Default::default() }
+    }
+
+    /// Persist the index.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        if let Some(i) = &self.last {
+            let tmp = path.with_extension("tmp");
+            std::fs::write(&tmp, crate::store::encode_manifest(i)).ctx("write", &tmp)?;
+            std::fs::rename(&tmp, path).ctx("rename", path)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scan the source for a round: through the journal when it has a clean
+/// record since the last round, else in full.
+pub(crate) fn scan_for_round(src: &Path, state: &mut SenderState, want_journal: bool) -> Result<(Index, bool)> {
+    if want_journal && state.journal.is_none() {
+        match crate::journal::Journal::start(src) {
+            Ok(j) => state.journal = Some(j),
+            Err(e) => {
+                tracing::warn!(error = %e, "change journal unavailable; full scans");
+                state.fallbacks += 1;
+            }
+        }
+    }
+    if let (Some(j), Some(prev)) = (state.journal.as_mut(), state.last.as_ref()) {
+        match j.changed_dirs(prev) {
+            Ok(Some(dirs)) => {
+                let (idx, _) = crate::scan::rescan_dirs(src, prev, &dirs)?;
+                return Ok((idx, false));
+            }
+            Ok(None) => {
+                state.fallbacks += 1;
+                tracing::info!("change journal overflowed or saw unknown objects; full scan");
+            }
+            Err(e) => {
+                state.fallbacks += 1;
+                tracing::warn!(error = %e, "change journal failed; full scan");
+            }
+        }
+    } else if let Some(j) = state.journal.as_mut() {
+        // First round: drain what happened before, the full scan covers it.
+        j.drain();
+    }
+    let (idx, _) = crate::scan::scan(src, state.last.as_ref())?;
+    Ok((idx, true))
+}
+
+/// Send one round of `src` as `name` over `stream`.
+pub async fn send<S>(stream: S, src: PathBuf, name: String, token: Option<Vec<u8>>, opts: PushOptions, mut state: SenderState) -> (Result<RoundStats>, SenderState)
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let r = run_blocking(stream, move |peer| {
+        let r = send_blocking(peer, &src, &name, token.as_deref(), &opts, &mut state, None);
+        let _ = tx.send(state);
+        r
+    })
+    .await;
+    let state = rx.try_recv().unwrap_or_default();
+    match r {
+        Ok((mut s, c)) => {
+            s.bytes_sent = c.sent.load(std::sync::atomic::Ordering::Relaxed);
+            s.bytes_received = c.received.load(std::sync::atomic::Ordering::Relaxed);
+            (Ok(s), state)
+        }
+        Err(e) => (Err(e), state),
+    }
+}
+
+/// The planned change of one entry.
+enum Plan {
+    Put(usize, Source),
+    Delete(Vec<u8>),
+}
+
+/// The blocking sender. `frozen` is set when the caller froze the source and
+/// bounds the round: past the deadline it aborts (the receiver keeps its snapshot).
+pub(crate) fn send_blocking(
+    peer: &mut Peer,
+    src: &Path,
+    name: &str,
+    token: Option<&[u8]>,
+    opts: &PushOptions,
+    state: &mut SenderState,
+    deadline: Option<Instant>,
+) -> Result<RoundStats> {
+    let t0 = Instant::now();
+    let point = SystemTime::now();
+    peer.send(Frame::Hello {
+        name: name.to_string(),
+        token: token.unwrap_or_default().to_vec(),
+        flags: opts.unified as u32,
+    })?;
+    let (idx, full) = scan_for_round(src, state, opts.journal)?;
+    let scan_duration = t0.elapsed();
+    let check_deadline = |peer: &Peer| -> Result<()> {
+        if let Some(d) = deadline {
+            if Instant::now() > d {
+                let _ = peer.send(Frame::Abort("freeze bound exceeded".into()));
+                return Err(SyncError::Aborted("freeze bound exceeded".into()));
+            }
+        }
+        Ok(())
+    };
+    let (rdigest, _rseq) = match peer.recv()? {
+        Frame::Welcome { digest, seq } => (digest, seq),
+        Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
+        f => return Err(SyncError::Handshake(format!("expected Welcome, got {}", f.name()))),
+    };
+    let remote: Index = if rdigest == [0; 32] {
+        peer.send(Frame::HaveManifest)?;
+        Index::default()
+    } else if state.last.as_ref().is_some_and(|l| l.digest == rdigest) {
+        peer.send(Frame::HaveManifest)?;
+        state.last.clone().unwrap_or_default()
+    } else {
+        peer.send(Frame::NeedManifest)?;
+        let mut v = Vec::new();
+        loop {
+            match peer.recv()? {
+                Frame::ManifestChunk(c) => v.extend(c),
+                Frame::ManifestEnd { count } => {
+                    if count != v.len() as u64 {
+                        return Err(SyncError::Protocol("manifest count mismatch".into()));
+                    }
+                    break;
+                }
+                Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
+                f => return Err(SyncError::Protocol(format!("unexpected {} in manifest", f.name()))),
+            }
+        }
+        let i = Index::from_entries(v);
+        if i.digest != rdigest {
+            return Err(SyncError::Protocol("receiver manifest does not match its digest".into()));
+        }
+        i
+    };
+    let mut stats = RoundStats {
+        entries: idx.entries.len() as u64,
+        scan_duration,
+        full_scan: full,
+        ..Default::default()
+    };
+    check_deadline(peer)?;
+    if idx.digest == remote.digest && !remote.entries.is_empty() {
+        peer.send(Frame::End { digest: idx.digest, count: idx.entries.len() as u64 })?;
+        match peer.recv()? {
+            Frame::Committed { seq, .. } => stats.seq = seq,
+            Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
+            f => return Err(SyncError::Protocol(format!("expected Committed, got {}", f.name()))),
+        }
+        stats.unchanged = true;
+        stats.round_duration = t0.elapsed();
+        state.last = Some(idx);
+        state.last_point = Some(point);
+        stats.lag = state.lag().unwrap_or_default();
+        stats.journal_fallbacks = state.fallbacks;
+        return Ok(stats);
+    }
+    // Plan: merge both sorted lists.
+    let src_paths: HashSet<&[u8]> = idx.entries.iter().map(|e| &e.path[..]).collect();
+    let remote_groups: HashSet<&[u8]> = remote.entries.iter().filter_map(|e| e.link.as_deref()).collect();
+    let mut by_hash: HashMap<[u8; 32], &Entry> = HashMap::new();
+    for e in &remote.entries {
+        if e.kind == Kind::File && e.link.is_none() && !remote_groups.contains(&e.path[..]) {
+            by_hash.entry(e.hash).or_insert(e);
+        }
+    }
+    let mut plan = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    let (a, b) = (&idx.entries, &remote.entries);
+    while i < a.len() || j < b.len() {
+        let ord = match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) => key_cmp(&x.path, &y.path),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        match ord {
+            std::cmp::Ordering::Greater => {
+                plan.push(Plan::Delete(b[j].path.clone()));
+                j += 1;
+            }
+            o => {
+                let e = &a[i];
+                let r = if o == std::cmp::Ordering::Equal { Some(&b[j]) } else { None };
+                if o == std::cmp::Ordering::Equal {
+                    j += 1;
+                }
+                i += 1;
+                if r.is_some_and(|r| r.same(e)) {
+                    continue;
+                }
+                let source = if e.kind != Kind::File || e.link.is_some() {
+                    Source::None
+                } else if let Some(r) = r.filter(|r| r.kind == Kind::File && r.hash == e.hash && r.link.is_none()) {
+                    Source::Old(r.path.clone())
+                } else if let Some(o) = by_hash.get(&e.hash).filter(|o| e.size > 0 && !src_paths.contains(&o.path[..])) {
+                    Source::Old(o.path.clone())
+                } else if let Some(r) = r.filter(|r| r.kind == Kind::File && r.size >= DELTA_MIN && e.size >= DELTA_MIN) {
+                    Source::Delta(r.path.clone())
+                } else {
+                    Source::Data
+                };
+                plan.push(Plan::Put(i - 1, source));
+            }
+        }
+    }
+    // Unification: ask which new contents the receiver's pool holds.
+    if opts.unified {
+        let ask: Vec<usize> = plan
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| matches!(p, Plan::Put(k, Source::Data) if idx.entries[*k].size > 0))
+            .map(|(n, _)| n)
+            .collect();
+        for chunk in ask.chunks(100_000) {
+            let hashes: Vec<[u8; 32]> = chunk
+                .iter()
+                .map(|n| match &plan[*n] {
+                    Plan::Put(k, _) => idx.entries[*k].hash,
+                    Plan::Delete(_) => [0; 32],
+                })
+                .collect();
+            peer.send(Frame::HashQuery(hashes))?;
+            match peer.recv()? {
+                Frame::HashHave(h) if h.len() == chunk.len() => {
+                    for (n, have) in chunk.iter().zip(h) {
+                        if have {
+                            if let Plan::Put(k, _) = plan[*n] {
+                                plan[*n] = Plan::Put(k, Source::Pool);
+                            }
+                        }
+                    }
+                }
+                Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
+                f => return Err(SyncError::Protocol(format!("expected HashHave, got {}", f.name()))),
+            }
+        }
+    }
+    // Signatures for deltas.
+    let mut sigs: HashMap<usize, Vec<(u32, u64)>> = HashMap::new();
+    for (n, p) in plan.iter().enumerate() {
+        if let Plan::Put(_, Source::Delta(b)) = p {
+            let Some(r) = remote.get(b) else { continue };
+            let block = block_size(r.size);
+            peer.send(Frame::SigRequest { path: b.clone(), block })?;
+            match peer.recv()? {
+                Frame::Signature { block: bl, sums } if bl == block && sums.len() as u64 == r.size.div_ceil(block as u64) => {
+                    sigs.insert(n, sums);
+                }
+                Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
+                f => return Err(SyncError::Protocol(format!("bad signature answer ({})", f.name()))),
+            }
+        }
+    }
+    check_deadline(peer)?;
+    // Prefetch small whole files in parallel (cold reads are latency bound).
+    let small: Vec<usize> = plan
+        .iter()
+        .filter_map(|p| match p {
+            Plan::Put(k, Source::Data) if is_small(&idx.entries[*k]) => Some(*k),
+            _ => None,
+        })
+        .collect();
+    let (ptx, prx) = sync_channel::<Vec<std::io::Result<Vec<u8>>>>(4);
+    let src_owned = src.to_path_buf();
+    let paths: Vec<(PathBuf, u64)> = small.iter().map(|k| (join(src, &idx.entries[*k].path), idx.entries[*k].size)).collect();
+    let prefetch = std::thread::spawn(move || {
+        let _ = &src_owned;
+        for batch in paths.chunks(256) {
+            let data: Vec<std::io::Result<Vec<u8>>> = io_pool().install(|| {
+                batch.par_iter().map(|(p, size)| read_small(p, *size)).collect()
+            });
+            if ptx.send(data).is_err() {
+                break;
+            }
+        }
+    });
+    let mut pre: std::vec::IntoIter<std::io::Result<Vec<u8>>> = Vec::new().into_iter();
+    let mut new_entries: Vec<Entry> = idx.entries.clone();
+    peer.send(Frame::Begin)?;
+    let mut res = Ok(());
+    for (n, p) in plan.iter().enumerate() {
+        if n % 256 == 0 {
+            if let Err(e) = check_deadline(peer) {
+                res = Err(e);
+                break;
+            }
+        }
+        let r = match p {
+            Plan::Delete(path) => {
+                stats.files_deleted += 1;
+                peer.send(Frame::Delete(path.clone()))
+            }
+            Plan::Put(k, source) => {
+                stats.files_changed += 1;
+                let e = &idx.entries[*k];
+                let r = peer.send(Frame::Put { entry: e.clone(), source: source.clone() });
+                match (r, source) {
+                    (Err(er), _) => Err(er),
+                    (Ok(()), Source::Data) if is_small(e) => {
+                        let d = match pre.next() {
+                            Some(d) => Some(d),
+                            None => match prx.recv() {
+                                Ok(v) => {
+                                    pre = v.into_iter();
+                                    pre.next()
+                                }
+                                Err(_) => None,
+                            },
+                        };
+                        match d {
+                            Some(Ok(mut d)) => {
+                                d.resize(e.size as usize, 0);
+                                let h = *blake3::hash(&d).as_bytes();
+                                stats.literal_bytes += d.len() as u64;
+                                new_entries[*k].hash = h;
+                                let r = if d.is_empty() { Ok(()) } else { peer.send(Frame::Data(d)) };
+                                r.and_then(|_| peer.send(Frame::FileEnd(h)))
+                            }
+                            Some(Err(er)) => Err(SyncError::Io { op: "read", path: join(src, &e.path), source: er }),
+                            None => Err(SyncError::Protocol("prefetch ended early".into())),
+                        }
+                    }
+                    (Ok(()), Source::Data) => send_file(peer, src, e, &mut stats).map(|h| {
+                        new_entries[*k].hash = h;
+                    }),
+                    (Ok(()), Source::Delta(_)) => {
+                        let sums = sigs.get(&n).cloned().unwrap_or_default();
+                        let base = remote.get(match source {
+                            Source::Delta(b) => b,
+                            _ => &e.path,
+                        });
+                        let blen = base.map(|b| b.size).unwrap_or(0);
+                        send_delta(peer, src, e, blen, &sums, &mut stats).map(|h| {
+                            new_entries[*k].hash = h;
+                        })
+                    }
+                    (Ok(()), _) => Ok(()),
+                }
+            }
+        };
+        if let Err(e) = r {
+            res = Err(e);
+            break;
+        }
+    }
+    drop(prx);
+    let _ = prefetch.join();
+    res?;
+    // Hashes as actually sent; followers take their leader's.
+    let mut k = 0;
+    while k < new_entries.len() {
+        if let Some(l) = new_entries[k].link.clone() {
+            if let Ok(li) = new_entries.binary_search_by(|x| key_cmp(&x.path, &l)) {
+                new_entries[k].hash = new_entries[li].hash;
+            }
+        }
+        k += 1;
+    }
+    let digest = tree_digest(&new_entries);
+    check_deadline(peer)?;
+    peer.send(Frame::End { digest, count: new_entries.len() as u64 })?;
+    match peer.recv()? {
+        Frame::Committed { seq, unified_bytes } => {
+            stats.seq = seq;
+            stats.unified_bytes = unified_bytes;
+        }
+        Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
+        f => return Err(SyncError::Protocol(format!("expected Committed, got {}", f.name()))),
+    }
+    stats.round_duration = t0.elapsed();
+    state.last = Some(Index { entries: new_entries, digest });
+    state.last_point = Some(point);
+    stats.lag = state.lag().unwrap_or_default();
+    stats.journal_fallbacks = state.fallbacks;
+    Ok(stats)
+}
+
+fn is_small(e: &Entry) -> bool {
+    e.size <= CHUNK as u64 && !is_sparse(e)
+}
+
+fn is_sparse(e: &Entry) -> bool {
+    e.blocks.saturating_mul(512) < e.size
+}
+
+fn read_small(p: &Path, size: u64) -> std::io::Result<Vec<u8>> {
+    let f = std::fs::OpenOptions::new().read(true).custom_flags_nofollow().open(p)?;
+    let mut v = Vec::with_capacity(size as usize);
+    f.take(size).read_to_end(&mut v)?;
+    Ok(v)
+}
+
+trait NoFollow {
+    fn custom_flags_nofollow(&mut self) -> &mut Self;
+}
+impl NoFollow for std::fs::OpenOptions {
+    fn custom_flags_nofollow(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+    }
+}
+
+/// Stream a file (large or sparse) as Data/Hole frames; returns its hash.
+fn send_file(peer: &mut Peer, src: &Path, e: &Entry, stats: &mut RoundStats) -> Result<[u8; 32]> {
+    let path = join(src, &e.path);
+    let mut f = std::fs::OpenOptions::new().read(true).custom_flags_nofollow().open(&path).ctx("open", &path)?;
+    let mut h = blake3::Hasher::new();
+    let mut off = 0u64;
+    let sparse = is_sparse(e);
+    let mut buf = vec![0u8; CHUNK];
+    while off < e.size {
+        if sparse {
+            let data = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Data(off)) {
+                Ok(d) => d.min(e.size),
+                Err(rustix::io::Errno::NXIO) => e.size,
+                Err(er) => return Err(er).ctx("seek", &path),
+            };
+            if data > off {
+                let n = data - off;
+                peer.send(Frame::Hole(n))?;
+                let z = [0u8; 65536];
+                let mut left = n;
+                while left > 0 {
+                    let k = left.min(z.len() as u64) as usize;
+                    h.update(&z[..k]);
+                    left -= k as u64;
+                }
+                off = data;
+                continue;
+            }
+            let hole = match rustix::fs::seek(&f, rustix::fs::SeekFrom::Hole(off)) {
+                Ok(x) => x.min(e.size),
+                Err(_) => e.size,
+            };
+            f.seek(SeekFrom::Start(off)).ctx("seek", &path)?;
+            let mut left = hole - off;
+            while left > 0 {
+                let k = left.min(CHUNK as u64) as usize;
+                let got = read_full(&mut f, &mut buf[..k]).ctx("read", &path)?;
+                buf[got..k].fill(0);
+                h.update(&buf[..k]);
+                peer.send(Frame::Data(buf[..k].to_vec()))?;
+                stats.literal_bytes += k as u64;
+                left -= k as u64;
+                off += k as u64;
+            }
+        } else {
+            let k = (e.size - off).min(CHUNK as u64) as usize;
+            let got = read_full(&mut f, &mut buf[..k]).ctx("read", &path)?;
+            // A file that shrank since the scan: pad; the next round fixes it.
+            buf[got..k].fill(0);
+            h.update(&buf[..k]);
+            peer.send(Frame::Data(buf[..k].to_vec()))?;
+            stats.literal_bytes += k as u64;
+            off += k as u64;
+        }
+    }
+    let h = *h.finalize().as_bytes();
+    peer.send(Frame::FileEnd(h))?;
+    Ok(h)
+}
+
+fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        let k = f.read(&mut buf[n..])?;
+        if k == 0 {
+            break;
+        }
+        n += k;
+    }
+    Ok(n)
+}
+
+struct HashingReader<R> {
+    inner: R,
+    h: blake3::Hasher,
+    left: u64,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let cap = (buf.len() as u64).min(self.left) as usize;
+        let mut n = self.inner.read(&mut buf[..cap])?;
+        if n == 0 && cap > 0 {
+            // Shrunk since the scan: pad with zeros up to the declared size.
+            buf[..cap].fill(0);
+            n = cap;
+        }
+        self.h.update(&buf[..n]);
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn send_delta(peer: &mut Peer, src: &Path, e: &Entry, basis_len: u64, sums: &[(u32, u64)], stats: &mut RoundStats) -> Result<[u8; 32]> {
+    let path = join(src, &e.path);
+    let f = std::fs::OpenOptions::new().read(true).custom_flags_nofollow().open(&path).ctx("open", &path)?;
+    let block = block_size(basis_len);
+    let mut rd = HashingReader {
+        inner: std::io::BufReader::with_capacity(1 << 20, f),
+        h: blake3::Hasher::new(),
+        left: e.size,
+    };
+    let mut err: Option<SyncError> = None;
+    crate::delta::diff(&mut rd, block, basis_len, sums, CHUNK, |op| {
+        let r = match op {
+            crate::delta::Op::Copy { start, count } => {
+                let end = ((start as u64 + count as u64) * block as u64).min(basis_len);
+                stats.matched_bytes += end - start as u64 * block as u64;
+                peer.send(Frame::Copy { start, count })
+            }
+            crate::delta::Op::Literal(l) => {
+                stats.literal_bytes += l.len() as u64;
+                peer.send(Frame::Data(l))
+            }
+        };
+        r.map_err(|e| {
+            let m = e.to_string();
+            err = Some(e);
+            std::io::Error::other(m)
+        })
+    })
+    .map_err(|er| err.take().unwrap_or(SyncError::Io { op: "read", path: path.clone(), source: er }))?;
+    let h = *rd.h.finalize().as_bytes();
+    peer.send(Frame::FileEnd(h))?;
+    Ok(h)
+}
