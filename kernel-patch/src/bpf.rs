@@ -343,3 +343,9 @@ mod tests {
         }
     }
 }
+
+/// Whether the caller may load BPF programs (loads and drops a trivial
+/// `sock_addr` program). Used to check that a context cannot.
+pub fn can_load() -> Result<()> {
+    load(&prog_deny(), AttachType::Inet4Bind).map(|_| ())
+}

@@ -477,3 +477,21 @@ mod tests {
         assert_eq!(broadcast(Ipv4Addr::new(10, 1, 2, 3), 0), Ipv4Addr::BROADCAST);
     }
 }
+
+/// Opens (and closes) a raw IPv4 ICMP socket: whether the caller holds
+/// CAP_NET_RAW in its network namespace. Used to check that a context cannot.
+pub fn raw_socket() -> Result<()> {
+    socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP, "socket(AF_INET, SOCK_RAW)").map(|_| ())
+}
+
+/// Moves the calling thread into the network namespace at `path` (e.g.
+/// `/run/netns/NAME`). Only this thread changes namespace.
+pub fn enter_netns(path: &std::path::Path) -> Result<()> {
+    let f = std::fs::File::open(path).map_err(Error::sys(format!("open {}", path.display())))?;
+    // SAFETY: setns on an fd we hold, restricted to network namespaces.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if r < 0 {
+        return Err(Error::last_os(format!("setns({}, CLONE_NEWNET)", path.display())));
+    }
+    Ok(())
+}

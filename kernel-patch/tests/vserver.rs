@@ -1,0 +1,255 @@
+//! A started vserver, for real (as root), inside network namespaces the test
+//! creates: isolation, ipv4root, capability ceiling, limits, stop, enter,
+//! hooks.
+
+mod common;
+
+use std::io::Read;
+use std::net::{TcpListener, UdpSocket};
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use vsha_kernel::config::VserverSpec;
+use vsha_kernel::context::Stdio;
+use vsha_kernel::local::{self, ExecOptions, RunState};
+use vsha_kernel::syscall::LinuxSyscall;
+
+/// Runs inside the vserver (the test binary copied into the tree): performs
+/// the probes listed in VSHA_PROBE and prints `PROBE name result` lines.
+#[test]
+fn probe_helper() {
+    let Ok(what) = std::env::var("VSHA_PROBE") else { return };
+    let arg = |k: &str| std::env::var(k).unwrap_or_default();
+    for w in what.split(',') {
+        let r = match w {
+            "bind_any" => match TcpListener::bind("0.0.0.0:8080") {
+                Ok(l) => format!("ok {}", l.local_addr().unwrap()),
+                Err(e) => format!("err {}", e.raw_os_error().unwrap_or(0)),
+            },
+            "udp_bind_any" => match UdpSocket::bind("0.0.0.0:5353") {
+                Ok(l) => format!("ok {}", l.local_addr().unwrap()),
+                Err(e) => format!("err {}", e.raw_os_error().unwrap_or(0)),
+            },
+            "bind_other" => match TcpListener::bind(format!("{}:8081", arg("OTHER"))) {
+                Ok(l) => format!("ok {}", l.local_addr().unwrap()),
+                Err(e) => format!("err {}", e.raw_os_error().unwrap_or(0)),
+            },
+            "bind_lo" => match TcpListener::bind("127.0.0.1:8082") {
+                Ok(l) => format!("ok {}", l.local_addr().unwrap()),
+                Err(e) => format!("err {}", e.raw_os_error().unwrap_or(0)),
+            },
+            "bind6" => match TcpListener::bind("[::]:8084") {
+                Ok(l) => format!("ok {}", l.local_addr().unwrap()),
+                Err(e) => format!("err {}", e.raw_os_error().unwrap_or(0)),
+            },
+            "connect" => match std::net::TcpStream::connect_timeout(&arg("PEER").parse().unwrap(), Duration::from_secs(20)) {
+                Ok(s) => format!("ok {}", s.local_addr().unwrap()),
+                Err(e) => format!("err {}", e.raw_os_error().unwrap_or(0)),
+            },
+            "bpf" => match vsha_kernel::bpf::can_load() {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("err {}", e.raw_os_error().unwrap_or(0)),
+            },
+            "raw" => match vsha_kernel::net::raw_socket() {
+                Ok(()) => "ok".to_string(),
+                Err(e) => format!("err {}", e.raw_os_error().unwrap_or(0)),
+            },
+            "caps" => {
+                let c = vsha_kernel::capabilities::parse_status(&std::fs::read_to_string("/proc/self/status").unwrap());
+                format!("eff={:x} bnd={:x} amb={:x} nnp={}", c.eff, c.bnd, c.amb, c.no_new_privs)
+            }
+            _ => "unknown".to_string(),
+        };
+        println!("PROBE {w} {r}");
+    }
+}
+
+/// Copies the test binary and the libraries it needs into the tree.
+fn install_probe(tree: &Path) {
+    let exe = std::env::current_exe().unwrap();
+    std::fs::copy(&exe, tree.join("probe")).unwrap();
+    let ldd = sh_ok(&format!("ldd {}", exe.display()));
+    for l in ldd.lines() {
+        let p = l.split_whitespace().find(|w| w.starts_with('/'));
+        if let Some(p) = p {
+            let dst = tree.join(p.trim_start_matches('/'));
+            std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            std::fs::copy(p, &dst).unwrap();
+        }
+    }
+}
+
+fn probes(paths: &local::Paths, name: &str, list: &str, extra: &[(&str, String)]) -> std::collections::HashMap<String, String> {
+    let log = paths.run_dir.join(format!("probe-{list}.out"));
+    let mut env = vec![format!("VSHA_PROBE={list}")];
+    for (k, v) in extra {
+        env.push(format!("{k}={v}"));
+    }
+    let cmd: Vec<String> = ["/probe", "--exact", "probe_helper", "--nocapture", "--test-threads", "1", "-q"].iter().map(|s| s.to_string()).collect();
+    let code = local::exec(paths, name, &cmd, &ExecOptions { stdio: Stdio::Log(log.clone()), env, ..Default::default() }).unwrap();
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(code, 0, "probe run failed: {out}");
+    out.lines()
+        .filter_map(|l| l.strip_prefix("PROBE "))
+        .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+        .collect()
+}
+
+/// Runs a shell command in the vserver; returns (exit code, output).
+fn vsh(paths: &local::Paths, name: &str, script: &str) -> (i32, String) {
+    let log = paths.run_dir.join(format!("sh-{}.out", tag()));
+    let cmd = vec!["/bin/sh".to_string(), "-c".to_string(), script.to_string()];
+    let code = local::exec(paths, name, &cmd, &ExecOptions { stdio: Stdio::Log(log.clone()), ..Default::default() }).unwrap();
+    (code, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+fn sys(garp: u32) -> LinuxSyscall {
+    let mut s = LinuxSyscall::probe().unwrap();
+    s.garp_count = garp;
+    s.garp_interval = Duration::from_millis(600);
+    s
+}
+
+fn write_spec(env: &Env, spec: &VserverSpec) {
+    std::fs::write(env.paths.config_dir.join(format!("{}.toml", spec.name)), spec.to_toml().unwrap()).unwrap();
+}
+
+fn start(env: &Env, spec: &VserverSpec, garp: u32) -> RunState {
+    write_spec(env, spec);
+    local::start_with(&sys(garp), &env.paths, spec).expect("start")
+}
+
+fn no_process_in(env: &Env) -> bool {
+    let prefix = format!("0::/{}/", env.paths.cgroup_parent);
+    vsha_kernel::proc::all(Path::new("/proc"))
+        .iter()
+        .all(|p| !format!("0::{}", p.cgroup).starts_with(&prefix))
+}
+
+#[test]
+fn vserver_isolation_ipv4root_and_caps() {
+    if !need_root() {
+        return;
+    }
+    let t = tag();
+    let pair = Pair::new(&t);
+    let env = Env::new(&t);
+    pair.host.enter();
+    let name = format!("vs{t}");
+    let tree = env.tree(&name);
+    install_probe(&tree);
+    // a setuid-root copy of busybox for the regain test
+    std::fs::create_dir_all(tree.join("suid")).unwrap();
+    std::fs::copy(tree.join("bin/busybox"), tree.join("suid/busybox")).unwrap();
+    sh_ok(&format!("chmod 4755 {}", tree.join("suid/busybox").display()));
+    let vip = pair.ip(5);
+    let mut spec = VserverSpec::new(&name, &tree);
+    spec.ip = Some(format!("{vip}/24"));
+    spec.dev = Some("va".into());
+    spec.hostname = Some("isolated".into());
+    spec.start = idle_init();
+    let st = start(&env, &spec, 1);
+    assert!(local::running(&env.paths, &name).unwrap());
+
+    // the alias is on va (oracle: ip)
+    let addrs = sh_ok(&format!("ip -n {} -4 addr show dev va", pair.host.name));
+    assert!(addrs.contains(&format!("{vip}/24")), "{addrs}");
+
+    // host processes are invisible; the init is pid 1; hostname
+    let (code, out) = vsh(&env.paths, &name, "hostname; ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '");
+    assert_eq!(code, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "isolated");
+    let nprocs: usize = lines[1].trim().parse().unwrap();
+    assert!(nprocs <= 6, "only the context's processes are visible, saw {nprocs}: {out}");
+    assert!(lines[2].contains("trap"), "pid 1 is the vserver init: {out}");
+    let host_pid = std::process::id();
+    let (_, seen) = vsh(&env.paths, &name, &format!("test -e /proc/{host_pid}/status && echo visible || echo invisible"));
+    // (a low host pid could collide with a context pid; ours is large)
+    assert!(host_pid < 10 || seen.contains("invisible"), "{seen}");
+
+    // ipv4root: binds and source addresses
+    let (tx, rx) = std::sync::mpsc::channel();
+    let peer_thread = {
+        let p = pair.peer.path();
+        let peer_ip = pair.ip(2);
+        std::thread::spawn(move || {
+            vsha_kernel::net::enter_netns(&p).unwrap();
+            let l = TcpListener::bind((peer_ip, 9000)).unwrap();
+            let u = UdpSocket::bind((peer_ip, 9001)).unwrap();
+            tx.send(()).unwrap();
+            let (mut s, from) = l.accept().unwrap();
+            let mut b = [0u8; 1];
+            let _ = s.read(&mut b);
+            u.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let mut buf = [0u8; 512];
+            let udp_from = u.recv_from(&mut buf).map(|(_, a)| a.ip());
+            (from.ip(), udp_from.ok())
+        })
+    };
+    rx.recv_timeout(Duration::from_secs(30)).unwrap();
+    let r = probes(
+        &env.paths,
+        &name,
+        "bind_any,udp_bind_any,bind_other,bind_lo,bind6,connect,bpf,raw,caps",
+        &[("OTHER", pair.ip(1).to_string()), ("PEER", format!("{}:9000", pair.ip(2)))],
+    );
+    assert_eq!(r["bind_any"], format!("ok {vip}:8080"), "{r:?}");
+    assert_eq!(r["udp_bind_any"], format!("ok {vip}:5353"), "{r:?}");
+    assert_eq!(r["bind_other"], format!("err {}", libc::EPERM), "{r:?}");
+    assert_eq!(r["bind_lo"], "ok 127.0.0.1:8082", "{r:?}");
+    assert_eq!(r["bind6"], format!("err {}", libc::EPERM), "{r:?}");
+    assert!(r["connect"].starts_with(&format!("ok {vip}:")), "{r:?}");
+    assert_eq!(r["bpf"], format!("err {}", libc::EPERM), "{r:?}");
+    assert_eq!(r["raw"], format!("err {}", libc::EPERM), "{r:?}");
+    let ceiling = vsha_kernel::capabilities::CapMask::secure().0;
+    assert_eq!(r["caps"], format!("eff={ceiling:x} bnd={ceiling:x} amb=0 nnp=true"), "{r:?}");
+
+    // unbound UDP send (busybox tftp sends with sendto on an unbound socket)
+    let _ = vsh(&env.paths, &name, &format!("timeout 5 tftp -g -r x -l /tmp/x {} 9001", pair.ip(2)));
+
+    // privileged operations fail
+    let (c, o) = vsh(&env.paths, &name, "mount -t tmpfs none /tmp");
+    assert_ne!(c, 0, "mount: {o}");
+    let (c, o) = vsh(&env.paths, &name, "hostname evil");
+    assert_ne!(c, 0, "sethostname: {o}");
+    let (_, o) = vsh(&env.paths, &name, "hostname");
+    assert_eq!(o.trim(), "isolated");
+    let (c, o) = vsh(&env.paths, &name, "echo 1 > /proc/sys/vm/swappiness");
+    assert_ne!(c, 0, "write /proc/sys: {o}");
+    let (c, o) = vsh(&env.paths, &name, "echo junk > /tmp/m.ko; insmod /tmp/m.ko");
+    assert_ne!(c, 0, "insmod: {o}");
+    // EPERM (no CAP_SYS_MODULE); on kernels without module support ENOSYS
+    assert!(
+        o.contains("not permitted") || !Path::new("/proc/modules").exists(),
+        "insmod must fail with EPERM: {o}"
+    );
+    let (c, o) = vsh(&env.paths, &name, "ping -c 1 -W 1 127.0.0.1");
+    assert_ne!(c, 0, "ping needs a raw socket: {o}");
+    // setuid-root binary run by an unprivileged user gains nothing
+    let log = env.paths.run_dir.join("suid.out");
+    let code = local::exec(
+        &env.paths,
+        &name,
+        &["/suid/busybox".into(), "sh".into(), "-c".into(), "grep -E 'Cap(Eff|Bnd)|^Uid' /proc/self/status; /suid/busybox hostname evil2".into()],
+        &ExecOptions { user: Some((65534, 65534)), stdio: Stdio::Log(log.clone()), ..Default::default() },
+    )
+    .unwrap();
+    let o = std::fs::read_to_string(&log).unwrap();
+    assert_ne!(code, 0, "hostname through a setuid-root binary must fail: {o}");
+    assert!(o.contains("CapEff:\t0000000000000000"), "{o}");
+    assert!(o.contains(&format!("CapBnd:\t{ceiling:016x}")), "{o}");
+
+    // the peer saw the vserver IP as source, TCP and unbound UDP
+    let (tcp_from, udp_from) = peer_thread.join().unwrap();
+    assert_eq!(tcp_from, vip, "TCP source");
+    assert_eq!(udp_from, Some(std::net::IpAddr::V4(vip)), "unbound UDP source");
+
+    // stop: nothing left
+    local::stop_with(&sys(1), &env.paths, &spec, &st).unwrap();
+    assert!(!st.cgroup.v2.exists(), "cgroup removed");
+    assert!(no_process_in(&env));
+    let addrs = sh_ok(&format!("ip -n {} -4 addr show dev va", pair.host.name));
+    assert!(!addrs.contains(&format!("{vip}/24")), "alias removed: {addrs}");
+}
