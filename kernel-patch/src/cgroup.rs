@@ -308,6 +308,16 @@ impl ContextCgroup {
                 let _ = crate::sys::try_reap(pid);
             }
             if !self.populated()? {
+                // an exited init of ours is a zombie until reaped
+                if let Some(pid) = reap {
+                    let until = Instant::now() + Duration::from_secs(5);
+                    while crate::sys::try_reap(pid).is_none()
+                        && std::path::Path::new(&format!("/proc/{pid}")).exists()
+                        && Instant::now() < until
+                    {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
                 return Ok(true);
             }
             if Instant::now() >= deadline {

@@ -253,3 +253,159 @@ fn vserver_isolation_ipv4root_and_caps() {
     let addrs = sh_ok(&format!("ip -n {} -4 addr show dev va", pair.host.name));
     assert!(!addrs.contains(&format!("{vip}/24")), "alias removed: {addrs}");
 }
+
+#[test]
+fn pids_limit_stops_a_fork_bomb_and_stop_leaves_nothing() {
+    if !need_root() {
+        return;
+    }
+    let t = tag();
+    let pair = Pair::new(&t);
+    let env = Env::new(&t);
+    pair.host.enter();
+    let name = format!("vs{t}");
+    let tree = env.tree(&name);
+    let mut spec = VserverSpec::new(&name, &tree);
+    spec.ip = Some(format!("{}/24", pair.ip(6)));
+    spec.hostname = Some("bombed".into());
+    spec.limits.nproc = Some(20);
+    spec.start = idle_init();
+    spec.stop_timeout = 3;
+    let st = start(&env, &spec, 1);
+    // the limit sits on v2 or on the v1 pids hierarchy, as probed
+    let pids_max = if env.layout.v2_controllers.iter().any(|c| c == "pids") {
+        st.cgroup.v2.join("pids.max")
+    } else {
+        st.cgroup.v1["pids"].join("pids.max")
+    };
+    assert_eq!(std::fs::read_to_string(&pids_max).unwrap().trim(), "20");
+
+    // a double-forked daemon that must not survive stop
+    let (c, o) = vsh(&env.paths, &name, "(setsid sleep 1000 > /dev/null 2>&1 &) ; echo started");
+    assert_eq!(c, 0, "{o}");
+    let daemon = wait_for("the daemon", 30, || {
+        vsha_kernel::proc::all(Path::new("/proc"))
+            .into_iter()
+            .find(|p| p.command == "sleep 1000" && p.cgroup.ends_with(&format!("/{name}")))
+    });
+
+    // enter sees the vserver's processes and hostname
+    let (c, o) = vsh(&env.paths, &name, "hostname; ps -o pid,args");
+    assert_eq!(c, 0, "{o}");
+    assert!(o.starts_with("bombed"), "{o}");
+    assert!(o.contains("sleep 1000"), "enter sees the daemon: {o}");
+    assert!(o.contains("trap"), "enter sees the init: {o}");
+    // status / list / ps rows
+    let s = local::status(&env.paths, &name).unwrap();
+    assert!(s.running && s.processes >= 3, "{s:?}");
+    let rows = local::list(&env.paths).unwrap();
+    assert!(rows.iter().any(|r| r.name == name && r.processes >= 3), "{rows:?}");
+    let ps = local::ps(&env.paths, true).unwrap();
+    assert!(ps.iter().any(|r| r.vserver == name && r.pid == daemon.pid), "ps maps the daemon to its vserver");
+
+    // fork bomb (last: afterwards not even enter can fork): a loop of background sleeps; the limit stops it
+    let (_, o) = vsh(&env.paths, &name, "i=0; while [ $i -lt 60 ]; do sleep 300 & i=$((i+1)); done; echo looped");
+    assert!(o.contains("can't fork") || o.contains("Resource temporarily unavailable"), "fork must fail: {o}");
+    let n = st.cgroup.procs().unwrap().len();
+    assert!(n <= 20, "{n} processes despite pids.max 20");
+
+    local::stop_with(&sys(1), &env.paths, &spec, &st).unwrap();
+    assert!(!st.cgroup.v2.exists(), "v2 cgroup removed");
+    assert!(st.cgroup.v1.values().all(|d| !d.exists()), "v1 cgroups removed");
+    assert!(!Path::new(&format!("/proc/{}", daemon.pid)).exists(), "daemon killed");
+    assert!(no_process_in(&env), "nothing survives stop");
+    assert!(!local::running(&env.paths, &name).unwrap());
+}
+
+#[test]
+fn hooks_run_in_order_and_failing_pre_start_aborts() {
+    if !need_root() {
+        return;
+    }
+    let t = tag();
+    let pair = Pair::new(&t);
+    let env = Env::new(&t);
+    pair.host.enter();
+    let name = format!("vs{t}");
+    let tree = env.tree(&name);
+    let mut spec = VserverSpec::new(&name, &tree);
+    spec.ip = Some(format!("{}/24", pair.ip(7)));
+    spec.start = idle_init();
+    let record = env.dir.path().join("hook.log");
+    let hook = vsha_kernel::hooks::script_path(&env.paths.config_dir, &name);
+    std::fs::write(&hook, format!("#!/bin/sh\necho \"$1 $2\" >> {}\n", record.display())).unwrap();
+    sh_ok(&format!("chmod 755 {}", hook.display()));
+    let st = start(&env, &spec, 1);
+    local::stop_with(&sys(1), &env.paths, &spec, &st).unwrap();
+    let got = std::fs::read_to_string(&record).unwrap();
+    assert_eq!(got, format!("pre-start {name}\npost-start {name}\npre-stop {name}\npost-stop {name}\n"));
+
+    // a failing pre-start aborts the start and shows the script's output
+    std::fs::write(&hook, "#!/bin/sh\necho \"no mounts for $2\"\nexit 3\n").unwrap();
+    let e = local::start_with(&sys(1), &env.paths, &spec).unwrap_err();
+    let msg = e.to_string();
+    assert!(msg.contains("pre-start") && msg.contains(&format!("no mounts for {name}")), "{msg}");
+    assert!(!env.v2_parent().join(&name).exists(), "no cgroup after an aborted start");
+    assert!(!local::running(&env.paths, &name).unwrap());
+}
+
+#[test]
+fn ipv4root_programs_are_attached_before_the_first_process() {
+    if !need_root() {
+        return;
+    }
+    let t = tag();
+    let env = Env::new(&t);
+    let s = sys(1);
+    use vsha_kernel::syscall::Syscall;
+    let cg = s.create_cgroup(&env.paths.cgroup_parent, "bpfq", &Default::default()).unwrap();
+    s.set_ipv4root(&cg, std::net::Ipv4Addr::new(10, 77, 1, 200), false).unwrap();
+    let fd = cg.open_v2().unwrap();
+    use std::os::fd::AsRawFd;
+    use vsha_kernel::bpf::{query_count, AttachType::*};
+    for at in [Inet4Bind, Inet4Connect, Udp4Sendmsg, Inet6Bind, Inet6Connect, Udp6Sendmsg] {
+        assert_eq!(query_count(fd.as_raw_fd(), at).unwrap(), 1, "{at:?}");
+    }
+    assert!(cg.procs().unwrap().is_empty());
+    drop(fd);
+    cg.remove().unwrap();
+    assert!(!cg.v2.exists());
+}
+
+#[test]
+fn ctx_exec_isolates_without_a_tree() {
+    if !need_root() {
+        return;
+    }
+    let t = tag();
+    let pair = Pair::new(&t);
+    let env = Env::new(&t);
+    pair.host.enter();
+    let out = env.dir.path().join("ctx.out");
+    let opts = local::CtxExecOptions {
+        hostname: Some("ctxhost".into()),
+        ip: Some(pair.ip(1)),
+        secure: true,
+        caps: vec![],
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "hostname; ls /proc | grep -c '^[0-9]'; grep CapBnd /proc/self/status; hostname x 2>/dev/null && echo CHANGED; true".into(),
+        ],
+        cgroup_parent: Some(env.paths.cgroup_parent.clone()),
+        stdio: Stdio::Log(out.clone()),
+        ..Default::default()
+    };
+    let code = local::ctx_exec(&opts).unwrap();
+    let o = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(code, 0, "{o}");
+    let l: Vec<&str> = o.lines().collect();
+    assert_eq!(l[0], "ctxhost");
+    let n: usize = l[1].trim().parse().unwrap();
+    assert!(n <= 4, "own /proc shows only the context: {o}");
+    assert!(l[2].ends_with(&format!("{:016x}", vsha_kernel::capabilities::CapMask::secure().0)), "{o}");
+    assert!(!o.contains("CHANGED"));
+    // the throw-away context's cgroup is gone
+    let left: Vec<_> = std::fs::read_dir(env.v2_parent()).map(|r| r.flatten().filter(|e| e.path().is_dir()).count()).into_iter().collect();
+    assert!(left.iter().all(|n| *n == 0), "{left:?}");
+}
