@@ -110,55 +110,55 @@ fn imm(ip: Ipv4Addr) -> i32 {
 /// `bind4`: 0.0.0.0 → VIP; VIP and 127/8 allowed; anything else denied.
 pub fn prog_bind4(vip: Ipv4Addr) -> Vec<Insn> {
     vec![
-        i(LDXW, 2, 1, USER_IP4, 0),  // 0: w2 = ctx->user_ip4
-        i(JEQ32K, 2, 0, 5, 0),       // 1: 0.0.0.0 -> 7 (rewrite)
+        i(LDXW, 2, 1, USER_IP4, 0),   // 0: w2 = ctx->user_ip4
+        i(JEQ32K, 2, 0, 5, 0),        // 1: 0.0.0.0 -> 7 (rewrite)
         i(JEQ32K, 2, 0, 7, imm(vip)), // 2: VIP -> 10 (allow)
-        i(AND32K, 2, 0, 0, 0xff),    // 3: first octet
-        i(JEQ32K, 2, 0, 5, 127),     // 4: 127/8 -> 10 (allow)
-        i(MOV64K, 0, 0, 0, 0),       // 5: deny => EPERM
-        i(EXIT, 0, 0, 0, 0),         // 6
+        i(AND32K, 2, 0, 0, 0xff),     // 3: first octet
+        i(JEQ32K, 2, 0, 5, 127),      // 4: 127/8 -> 10 (allow)
+        i(MOV64K, 0, 0, 0, 0),        // 5: deny => EPERM
+        i(EXIT, 0, 0, 0, 0),          // 6
         i(MOV32K, 3, 0, 0, imm(vip)), // 7: w3 = VIP
-        i(STXW, 1, 3, USER_IP4, 0),  // 8: ctx->user_ip4 = w3
-        i(MOV64K, 0, 0, 0, 1),       // 9: allow (falls through)
-        i(MOV64K, 0, 0, 0, 1),       // 10: allow
-        i(EXIT, 0, 0, 0, 0),         // 11
+        i(STXW, 1, 3, USER_IP4, 0),   // 8: ctx->user_ip4 = w3
+        i(MOV64K, 0, 0, 0, 1),        // 9: allow (falls through)
+        i(MOV64K, 0, 0, 0, 1),        // 10: allow
+        i(EXIT, 0, 0, 0, 0),          // 11
     ]
 }
 
 /// `connect4`: non-loopback destinations get the VIP as source (`bpf_bind`).
 pub fn prog_connect4(vip: Ipv4Addr) -> Vec<Insn> {
     vec![
-        i(MOV64X, 6, 1, 0, 0),        // 0: r6 = ctx
-        i(LDXW, 2, 1, USER_IP4, 0),   // 1: w2 = destination
-        i(AND32K, 2, 0, 0, 0xff),     // 2: first octet
-        i(JEQ32K, 2, 0, 12, 127),     // 3: loopback -> 16 (allow)
-        i(MOV64K, 2, 0, 0, 0),        // 4: r2 = 0
-        i(STXDW, 10, 2, -16, 0),      // 5: zero struct sockaddr_in at fp-16
-        i(STXDW, 10, 2, -8, 0),       // 6
+        i(MOV64X, 6, 1, 0, 0),             // 0: r6 = ctx
+        i(LDXW, 2, 1, USER_IP4, 0),        // 1: w2 = destination
+        i(AND32K, 2, 0, 0, 0xff),          // 2: first octet
+        i(JEQ32K, 2, 0, 12, 127),          // 3: loopback -> 16 (allow)
+        i(MOV64K, 2, 0, 0, 0),             // 4: r2 = 0
+        i(STXDW, 10, 2, -16, 0),           // 5: zero struct sockaddr_in at fp-16
+        i(STXDW, 10, 2, -8, 0),            // 6
         i(MOV32K, 2, 0, 0, libc::AF_INET), // 7: sin_family
-        i(STXH, 10, 2, -16, 0),       // 8
-        i(MOV32K, 2, 0, 0, imm(vip)), // 9: sin_addr = VIP (port 0)
-        i(STXW, 10, 2, -12, 0),       // 10
-        i(MOV64X, 1, 6, 0, 0),        // 11: r1 = ctx
-        i(MOV64X, 2, 10, 0, 0),       // 12: r2 = fp
-        i(ADD64K, 2, 0, 0, -16),      // 13: r2 = fp - 16
-        i(MOV64K, 3, 0, 0, 16),       // 14: r3 = sizeof(sockaddr_in)
-        i(CALL, 0, 0, 0, HELPER_BIND), // 15: bpf_bind(ctx, &sa, 16); result ignored
-        i(MOV64K, 0, 0, 0, 1),        // 16: allow
-        i(EXIT, 0, 0, 0, 0),          // 17
+        i(STXH, 10, 2, -16, 0),            // 8
+        i(MOV32K, 2, 0, 0, imm(vip)),      // 9: sin_addr = VIP (port 0)
+        i(STXW, 10, 2, -12, 0),            // 10
+        i(MOV64X, 1, 6, 0, 0),             // 11: r1 = ctx
+        i(MOV64X, 2, 10, 0, 0),            // 12: r2 = fp
+        i(ADD64K, 2, 0, 0, -16),           // 13: r2 = fp - 16
+        i(MOV64K, 3, 0, 0, 16),            // 14: r3 = sizeof(sockaddr_in)
+        i(CALL, 0, 0, 0, HELPER_BIND),     // 15: bpf_bind(ctx, &sa, 16); result ignored
+        i(MOV64K, 0, 0, 0, 1),             // 16: allow
+        i(EXIT, 0, 0, 0, 0),               // 17
     ]
 }
 
 /// `sendmsg4` (UDP): non-loopback destinations get the VIP as source.
 pub fn prog_sendmsg4(vip: Ipv4Addr) -> Vec<Insn> {
     vec![
-        i(LDXW, 2, 1, USER_IP4, 0),     // 0: w2 = destination
-        i(AND32K, 2, 0, 0, 0xff),       // 1: first octet
-        i(JEQ32K, 2, 0, 2, 127),        // 2: loopback -> 5
-        i(MOV32K, 3, 0, 0, imm(vip)),   // 3: w3 = VIP
-        i(STXW, 1, 3, MSG_SRC_IP4, 0),  // 4: ctx->msg_src_ip4 = VIP
-        i(MOV64K, 0, 0, 0, 1),          // 5: allow
-        i(EXIT, 0, 0, 0, 0),            // 6
+        i(LDXW, 2, 1, USER_IP4, 0),    // 0: w2 = destination
+        i(AND32K, 2, 0, 0, 0xff),      // 1: first octet
+        i(JEQ32K, 2, 0, 2, 127),       // 2: loopback -> 5
+        i(MOV32K, 3, 0, 0, imm(vip)),  // 3: w3 = VIP
+        i(STXW, 1, 3, MSG_SRC_IP4, 0), // 4: ctx->msg_src_ip4 = VIP
+        i(MOV64K, 0, 0, 0, 1),         // 5: allow
+        i(EXIT, 0, 0, 0, 0),           // 6
     ]
 }
 
@@ -282,10 +282,8 @@ pub fn query_count(cgroup_fd: RawFd, attach: AttachType) -> Result<u32> {
         prog_cnt: ids.len() as u32,
         ..Default::default()
     };
-    bpf(BPF_PROG_QUERY, &mut attr).map_err(Error::sys(format!(
-        "bpf(PROG_QUERY, {})",
-        attach.name()
-    )))?;
+    bpf(BPF_PROG_QUERY, &mut attr)
+        .map_err(Error::sys(format!("bpf(PROG_QUERY, {})", attach.name())))?;
     Ok(attr.prog_cnt)
 }
 
@@ -315,6 +313,12 @@ pub fn set_ipv4root(cgroup_fd: RawFd, vip: Ipv4Addr, allow_ipv6: bool) -> Result
     Ok(())
 }
 
+/// Whether the caller may load BPF programs (loads and drops a trivial
+/// `sock_addr` program). Used to check that a context cannot.
+pub fn can_load() -> Result<()> {
+    load(&prog_deny(), AttachType::Inet4Bind).map(|_| ())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,10 +346,4 @@ mod tests {
             assert_eq!(p.last().map(|x| x.code), Some(EXIT));
         }
     }
-}
-
-/// Whether the caller may load BPF programs (loads and drops a trivial
-/// `sock_addr` program). Used to check that a context cannot.
-pub fn can_load() -> Result<()> {
-    load(&prog_deny(), AttachType::Inet4Bind).map(|_| ())
 }

@@ -74,7 +74,11 @@ impl CapMask {
     /// Every capability this kernel knows (0..=cap_last_cap).
     pub fn all() -> CapMask {
         let last = last_cap();
-        CapMask(if last >= 63 { u64::MAX } else { (1u64 << (last + 1)) - 1 })
+        CapMask(if last >= 63 {
+            u64::MAX
+        } else {
+            (1u64 << (last + 1)) - 1
+        })
     }
 
     pub fn has(self, c: Capability) -> bool {
@@ -100,14 +104,23 @@ impl CapMask {
 /// Parses a capability name: `CAP_NET_RAW`, `net_raw` or `NET_RAW`.
 pub fn parse_cap(name: &str) -> Result<Capability> {
     let n = name.trim().to_ascii_uppercase();
-    let n = if n.starts_with("CAP_") { n } else { format!("CAP_{n}") };
-    Capability::from_str(&n).map_err(|_| Error::invalid("capability", format!("unknown capability {name:?}")))
+    let n = if n.starts_with("CAP_") {
+        n
+    } else {
+        format!("CAP_{n}")
+    };
+    Capability::from_str(&n)
+        .map_err(|_| Error::invalid("capability", format!("unknown capability {name:?}")))
 }
 
 /// Resolves a ceiling: the secure set (or everything when `secure` is false),
 /// plus each `CAP_X`, minus each `!CAP_X`.
 pub fn resolve(secure: bool, caps: &[String]) -> Result<CapMask> {
-    let mut m = if secure { CapMask::secure() } else { CapMask::all() };
+    let mut m = if secure {
+        CapMask::secure()
+    } else {
+        CapMask::all()
+    };
     for c in caps {
         if let Some(rest) = c.trim().strip_prefix('!') {
             m = m.without(parse_cap(rest)?);
@@ -123,7 +136,13 @@ pub fn last_cap() -> u32 {
     std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
         .ok()
         .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| caps::all().iter().map(|c| c.index() as u32).max().unwrap_or(40))
+        .unwrap_or_else(|| {
+            caps::all()
+                .iter()
+                .map(|c| c.index() as u32)
+                .max()
+                .unwrap_or(40)
+        })
 }
 
 #[repr(C)]
@@ -229,7 +248,9 @@ pub struct ProcCaps {
 pub fn parse_status(status: &str) -> ProcCaps {
     let mut c = ProcCaps::default();
     for l in status.lines() {
-        let Some((k, v)) = l.split_once(':') else { continue };
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
         let v = v.trim();
         let hex = || u64::from_str_radix(v, 16).unwrap_or(0);
         match k {

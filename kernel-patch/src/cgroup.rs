@@ -54,7 +54,9 @@ fn unescape_mount(s: &str) -> String {
     let mut n = 0;
     while n < b.len() {
         if b[n] == b'\\' && n + 4 <= b.len() {
-            if let Ok(v) = u8::from_str_radix(std::str::from_utf8(&b[n + 1..n + 4]).unwrap_or("x"), 8) {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[n + 1..n + 4]).unwrap_or("x"), 8)
+            {
                 out.push(v);
                 n += 4;
                 continue;
@@ -101,11 +103,7 @@ impl CgroupLayout {
             }
             let mnt = PathBuf::from(unescape_mount(pre[4]));
             match post[0] {
-                "cgroup2" => {
-                    if v2.is_none() {
-                        v2 = Some(mnt);
-                    }
-                }
+                "cgroup2" if v2.is_none() => v2 = Some(mnt),
                 "cgroup" => {
                     for opt in post[2].split(',') {
                         if matches!(opt, "pids" | "memory" | "cpu" | "cpuacct" | "freezer") {
@@ -216,7 +214,9 @@ impl ContextCgroup {
                 if !layout.v2_has(c) {
                     let Some(m) = layout.v1.get(*c) else {
                         return Err(Error::Unsupported {
-                            what: format!("limit needs the {c} controller, on neither cgroup v2 nor v1"),
+                            what: format!(
+                                "limit needs the {c} controller, on neither cgroup v2 nor v1"
+                            ),
                             hint: format!("enable the {c} controller or drop the limit"),
                         });
                     };
@@ -242,7 +242,10 @@ impl ContextCgroup {
             if let Some(w) = limits.cpu_weight {
                 match cg.v1.get("cpu") {
                     // cpu.shares 1024 ~ cpu.weight 100
-                    Some(d) => write(&d.join("cpu.shares"), &(w.max(1) * 1024 / 100).max(2).to_string())?,
+                    Some(d) => write(
+                        &d.join("cpu.shares"),
+                        &(w.max(1) * 1024 / 100).max(2).to_string(),
+                    )?,
                     None => write(&v2.join("cpu.weight"), &w.to_string())?,
                 }
             }
@@ -334,7 +337,10 @@ impl ContextCgroup {
 
     /// `cgroup.freeze`.
     pub fn freeze(&self, frozen: bool) -> Result<()> {
-        write(&self.v2.join("cgroup.freeze"), if frozen { "1" } else { "0" })
+        write(
+            &self.v2.join("cgroup.freeze"),
+            if frozen { "1" } else { "0" },
+        )
     }
 
     /// Removes the v2 directory (child cgroups first; drops the BPF programs)
@@ -440,7 +446,8 @@ mod tests {
         .unwrap();
         assert_eq!(l.v2_root, PathBuf::from("/sys/fs/cgroup"));
         assert!(l.v1.is_empty());
-        let e = CgroupLayout::from_mountinfo("24 29 0:22 / /sys rw - sysfs sysfs rw\n").unwrap_err();
+        let e =
+            CgroupLayout::from_mountinfo("24 29 0:22 / /sys rw - sysfs sysfs rw\n").unwrap_err();
         assert!(e.to_string().contains("no cgroup2 mount"), "{e}");
     }
 

@@ -118,7 +118,8 @@ pub fn valid_name(n: &str) -> bool {
         && n.len() <= 48
         && !n.starts_with('.')
         && !n.starts_with('-')
-        && n.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        && n.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
 }
 
 /// Parses `A.B.C.D/prefix`, `A.B.C.D/255.255.255.0` or a bare address (/32).
@@ -127,7 +128,10 @@ pub fn parse_cidr(s: &str) -> std::result::Result<(Ipv4Addr, u8), String> {
         Some((a, m)) => (a, Some(m)),
         None => (s, None),
     };
-    let ip: Ipv4Addr = a.trim().parse().map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+    let ip: Ipv4Addr = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
     let prefix = match m {
         None => 32,
         Some(m) => mask_to_prefix(m)?,
@@ -142,7 +146,10 @@ fn mask_to_prefix(m: &str) -> std::result::Result<u8, String> {
         }
         return Err(format!("prefix {p} is larger than 32"));
     }
-    let mask: Ipv4Addr = m.trim().parse().map_err(|_| format!("{m:?} is neither a prefix length nor a netmask"))?;
+    let mask: Ipv4Addr = m
+        .trim()
+        .parse()
+        .map_err(|_| format!("{m:?} is neither a prefix length nor a netmask"))?;
     let v = u32::from(mask);
     if v.leading_ones() + v.trailing_zeros() != 32 {
         return Err(format!("{m} is not a contiguous netmask"));
@@ -151,7 +158,10 @@ fn mask_to_prefix(m: &str) -> std::result::Result<u8, String> {
 }
 
 fn hostname_ok(h: &str) -> bool {
-    !h.is_empty() && h.len() <= 64 && h.chars().all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
+    !h.is_empty()
+        && h.len() <= 64
+        && h.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._".contains(c))
 }
 
 impl VserverSpec {
@@ -191,10 +201,18 @@ impl VserverSpec {
     /// Checks every field; `file` names the source in errors.
     pub fn validate(&self, file: &Path) -> Result<()> {
         if !valid_name(&self.name) {
-            return Err(cerr(file, "name", format!("{:?}: use 1-48 characters of A-Z a-z 0-9 _ . -", self.name)));
+            return Err(cerr(
+                file,
+                "name",
+                format!("{:?}: use 1-48 characters of A-Z a-z 0-9 _ . -", self.name),
+            ));
         }
         if !self.tree.is_absolute() {
-            return Err(cerr(file, "tree", format!("{} is not an absolute path", self.tree.display())));
+            return Err(cerr(
+                file,
+                "tree",
+                format!("{} is not an absolute path", self.tree.display()),
+            ));
         }
         if let Some(ip) = &self.ip {
             let (a, _) = parse_cidr(ip).map_err(|r| cerr(file, "ip", r))?;
@@ -213,14 +231,18 @@ impl VserverSpec {
         if self.network == NetworkModeKind::Netns && self.ip.is_none() {
             return Err(cerr(file, "network", "the netns mode needs an ip"));
         }
-        for (f, v) in [("hostname", &self.hostname), ("domainname", &self.domainname)] {
+        for (f, v) in [
+            ("hostname", &self.hostname),
+            ("domainname", &self.domainname),
+        ] {
             if let Some(h) = v {
                 if !hostname_ok(h) {
                     return Err(cerr(file, f, format!("{h:?} is not a valid name")));
                 }
             }
         }
-        crate::capabilities::resolve(true, &self.caps).map_err(|e| cerr(file, "caps", e.to_string()))?;
+        crate::capabilities::resolve(true, &self.caps)
+            .map_err(|e| cerr(file, "caps", e.to_string()))?;
         if let Some(n) = self.nice {
             if !(-20..=19).contains(&n) {
                 return Err(cerr(file, "nice", format!("{n} is outside -20..19")));
@@ -231,20 +253,33 @@ impl VserverSpec {
         }
         if let Some(w) = self.limits.cpu_weight {
             if !(1..=10000).contains(&w) {
-                return Err(cerr(file, "limits.cpu_weight", format!("{w} is outside 1..10000")));
+                return Err(cerr(
+                    file,
+                    "limits.cpu_weight",
+                    format!("{w} is outside 1..10000"),
+                ));
             }
         }
         if let Some(m) = self.limits.memory {
             if m < 4 << 20 {
-                return Err(cerr(file, "limits.memory", format!("{m} bytes is below 4 MiB")));
+                return Err(cerr(
+                    file,
+                    "limits.memory",
+                    format!("{m} bytes is below 4 MiB"),
+                ));
             }
         }
         if let Some(c) = self.context {
             if c <= 1 {
-                return Err(cerr(file, "context", "must be > 1 (0 is the host, 1 the spectator)"));
+                return Err(cerr(
+                    file,
+                    "context",
+                    "must be > 1 (0 is the host, 1 the spectator)",
+                ));
             }
         }
-        if self.start.iter().any(|a| a.contains('\0')) || self.stop.iter().any(|a| a.contains('\0')) {
+        if self.start.iter().any(|a| a.contains('\0')) || self.stop.iter().any(|a| a.contains('\0'))
+        {
             return Err(cerr(file, "start", "arguments must not contain NUL"));
         }
         Ok(())
@@ -268,19 +303,28 @@ impl VserverSpec {
     /// Loads `<dir>/<name>.toml`.
     pub fn load(dir: &Path, name: &str) -> Result<VserverSpec> {
         if !valid_name(name) {
-            return Err(Error::invalid("vserver name", format!("{name:?} is not a valid name")));
+            return Err(Error::invalid(
+                "vserver name",
+                format!("{name:?} is not a valid name"),
+            ));
         }
         let file = dir.join(format!("{name}.toml"));
-        let text = std::fs::read_to_string(&file).map_err(Error::sys(format!("read {}", file.display())))?;
+        let text = std::fs::read_to_string(&file)
+            .map_err(Error::sys(format!("read {}", file.display())))?;
         let spec = Self::from_toml(&text, &file)?;
         if spec.name != name {
-            return Err(cerr(&file, "name", format!("{:?} does not match the file name {name:?}", spec.name)));
+            return Err(cerr(
+                &file,
+                "name",
+                format!("{:?} does not match the file name {name:?}", spec.name),
+            ));
         }
         Ok(spec)
     }
 
     pub fn to_toml(&self) -> Result<String> {
-        toml::to_string_pretty(self).map_err(|e| Error::invalid("spec", format!("cannot serialise: {e}")))
+        toml::to_string_pretty(self)
+            .map_err(|e| Error::invalid("spec", format!("cannot serialise: {e}")))
     }
 }
 
@@ -295,7 +339,9 @@ pub fn parse_shell_vars(text: &str) -> Vec<(String, String)> {
         if l.starts_with('#') || l.is_empty() {
             continue;
         }
-        let Some((k, v)) = l.split_once('=') else { continue };
+        let Some((k, v)) = l.split_once('=') else {
+            continue;
+        };
         if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
             continue;
         }
@@ -322,7 +368,12 @@ pub fn import_legacy(text: &str, file: &Path, tree_base: &Path) -> Result<Vserve
         .to_string();
     let mut spec = VserverSpec::new(&name, tree_base.join(&name));
     let vars = parse_shell_vars(text);
-    let get = |k: &str| vars.iter().rev().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let get = |k: &str| {
+        vars.iter()
+            .rev()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.clone())
+    };
     let mut mask_prefix = None;
     if let Some(m) = get("IPROOTMASK").filter(|m| !m.is_empty()) {
         mask_prefix = Some(mask_to_prefix(&m).map_err(|r| cerr(file, "IPROOTMASK", r))?);
@@ -330,7 +381,14 @@ pub fn import_legacy(text: &str, file: &Path, tree_base: &Path) -> Result<Vserve
     if let Some(iproot) = get("IPROOT") {
         let items: Vec<&str> = iproot.split_whitespace().collect();
         if items.len() > 1 {
-            return Err(cerr(file, "IPROOT", format!("{} addresses given; vsha supports one per vserver", items.len())));
+            return Err(cerr(
+                file,
+                "IPROOT",
+                format!(
+                    "{} addresses given; vsha supports one per vserver",
+                    items.len()
+                ),
+            ));
         }
         if let Some(item) = items.first() {
             let (dev, addr) = match item.split_once(':') {
@@ -339,36 +397,58 @@ pub fn import_legacy(text: &str, file: &Path, tree_base: &Path) -> Result<Vserve
             };
             if addr != "0.0.0.0" {
                 if addr.eq_ignore_ascii_case("ALL") {
-                    return Err(cerr(file, "IPROOT", "ALL (every host address) is not supported"));
+                    return Err(cerr(
+                        file,
+                        "IPROOT",
+                        "ALL (every host address) is not supported",
+                    ));
                 }
                 let (ip, p) = parse_cidr(addr).map_err(|r| cerr(file, "IPROOT", r))?;
-                let prefix = if addr.contains('/') { p } else { mask_prefix.unwrap_or(32) };
+                let prefix = if addr.contains('/') {
+                    p
+                } else {
+                    mask_prefix.unwrap_or(32)
+                };
                 spec.ip = Some(format!("{ip}/{prefix}"));
                 spec.dev = dev.or_else(|| get("IPROOTDEV").filter(|d| !d.is_empty()));
             }
         }
     }
     if let Some(b) = get("IPROOTBCAST").filter(|b| !b.is_empty()) {
-        spec.broadcast = Some(b.parse().map_err(|_| cerr(file, "IPROOTBCAST", format!("{b:?} is not an IPv4 address")))?);
+        spec.broadcast = Some(
+            b.parse()
+                .map_err(|_| cerr(file, "IPROOTBCAST", format!("{b:?} is not an IPv4 address")))?,
+        );
     }
     spec.hostname = get("S_HOSTNAME").filter(|h| !h.is_empty());
     spec.domainname = get("S_DOMAINNAME").filter(|h| !h.is_empty());
     if let Some(c) = get("S_CAPS") {
-        spec.caps = c.split_whitespace().filter(|c| *c != "!CAP_SYS_CHROOT").map(str::to_string).collect();
+        spec.caps = c
+            .split_whitespace()
+            .filter(|c| *c != "!CAP_SYS_CHROOT")
+            .map(str::to_string)
+            .collect();
     }
     if let Some(c) = get("S_CONTEXT").filter(|c| !c.is_empty()) {
-        spec.context = Some(c.parse().map_err(|_| cerr(file, "S_CONTEXT", format!("{c:?} is not a number")))?);
+        spec.context = Some(
+            c.parse()
+                .map_err(|_| cerr(file, "S_CONTEXT", format!("{c:?} is not a number")))?,
+        );
     }
     if let Some(f) = get("S_FLAGS") {
         for w in f.split_whitespace() {
-            let fl = Flag::parse(w).ok_or_else(|| cerr(file, "S_FLAGS", format!("unknown flag {w:?}")))?;
+            let fl = Flag::parse(w)
+                .ok_or_else(|| cerr(file, "S_FLAGS", format!("unknown flag {w:?}")))?;
             if !spec.flags.contains(&fl) {
                 spec.flags.push(fl);
             }
         }
     }
     if let Some(n) = get("S_NICE").filter(|n| !n.is_empty()) {
-        spec.nice = Some(n.parse().map_err(|_| cerr(file, "S_NICE", format!("{n:?} is not a number")))?);
+        spec.nice = Some(
+            n.parse()
+                .map_err(|_| cerr(file, "S_NICE", format!("{n:?} is not a number")))?,
+        );
     }
     if let Some(u) = get("ULIMIT") {
         let w: Vec<&str> = u.split_whitespace().collect();
@@ -376,8 +456,13 @@ pub fn import_legacy(text: &str, file: &Path, tree_base: &Path) -> Result<Vserve
         while i < w.len() {
             // -u N, -HS -u N, -Hu N ...
             if w[i].starts_with('-') && w[i].ends_with('u') {
-                let n = w.get(i + 1).ok_or_else(|| cerr(file, "ULIMIT", "-u without a value"))?;
-                spec.limits.nproc = Some(n.parse().map_err(|_| cerr(file, "ULIMIT", format!("{n:?} is not a number")))?);
+                let n = w
+                    .get(i + 1)
+                    .ok_or_else(|| cerr(file, "ULIMIT", "-u without a value"))?;
+                spec.limits.nproc = Some(
+                    n.parse()
+                        .map_err(|_| cerr(file, "ULIMIT", format!("{n:?} is not a number")))?,
+                );
                 i += 1;
             }
             i += 1;
@@ -396,7 +481,10 @@ mod tests {
 
     #[test]
     fn cidr_forms() {
-        assert_eq!(parse_cidr("10.0.0.5/24").unwrap(), (Ipv4Addr::new(10, 0, 0, 5), 24));
+        assert_eq!(
+            parse_cidr("10.0.0.5/24").unwrap(),
+            (Ipv4Addr::new(10, 0, 0, 5), 24)
+        );
         assert_eq!(parse_cidr("10.0.0.5/255.255.255.192").unwrap().1, 26);
         assert_eq!(parse_cidr("10.0.0.5").unwrap().1, 32);
         assert!(parse_cidr("10.0.0.5/255.0.255.0").is_err());
@@ -405,7 +493,9 @@ mod tests {
 
     #[test]
     fn shell_vars() {
-        let v = parse_shell_vars("# c\nIPROOT=\"a b\"\nS_X='q'\nONBOOT=yes # c\n  export Y=1\nif true; then\n");
+        let v = parse_shell_vars(
+            "# c\nIPROOT=\"a b\"\nS_X='q'\nONBOOT=yes # c\n  export Y=1\nif true; then\n",
+        );
         assert_eq!(
             v,
             vec![

@@ -19,10 +19,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
-
 use crate::capabilities::{self, CapMask};
 use crate::cgroup::ContextCgroup;
-use crate::sys::{cstring, path_cstring, pipe, pidfd_send_signal};
+use crate::sys::{cstring, path_cstring, pidfd_send_signal, pipe};
 use crate::{Error, Result};
 
 /// Where the context's standard streams go.
@@ -159,9 +158,19 @@ struct Prepared {
     stdio: [RawFd; 3],
 }
 
-const STD_PATH: &[&str] = &["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"];
+const STD_PATH: &[&str] = &[
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+    "/bin",
+];
 
-fn prepare_exec(command: &[String], env: &[String]) -> Result<(Vec<CString>, Vec<CString>, Vec<CString>)> {
+fn prepare_exec(
+    command: &[String],
+    env: &[String],
+) -> Result<(Vec<CString>, Vec<CString>, Vec<CString>)> {
     let Some(arg0) = command.first() else {
         return Err(Error::invalid("command", "empty command"));
     };
@@ -185,7 +194,10 @@ fn prepare_exec(command: &[String], env: &[String]) -> Result<(Vec<CString>, Vec
             env.push(format!("TERM={t}"));
         }
     }
-    let envp = env.iter().map(|e| cstring(e, "environment")).collect::<Result<Vec<_>>>()?;
+    let envp = env
+        .iter()
+        .map(|e| cstring(e, "environment"))
+        .collect::<Result<Vec<_>>>()?;
     Ok((argv, candidates, envp))
 }
 
@@ -202,8 +214,8 @@ struct StdioFds {
 }
 
 fn open_stdio(s: &Stdio) -> Result<StdioFds> {
-    use std::os::fd::IntoRawFd;
     use std::os::fd::FromRawFd;
+    use std::os::fd::IntoRawFd;
     match s {
         Stdio::Inherit => Ok(StdioFds {
             _owned: vec![],
@@ -247,30 +259,30 @@ fn write_err(fd: RawFd, step: usize, errno: i32) {
 
 /// Step names the child reports by index.
 const STEPS: &[&str] = &[
-    "wait for the parent",                   // 0
-    "dup2 stdio",                            // 1
-    "setsid",                                // 2
-    "unshare(CLONE_NEWCGROUP)",              // 3
-    "make mounts private",                   // 4
-    "bind-mount the tree onto itself",       // 5
-    "chdir into the tree",                   // 6
-    "mount /proc",                           // 7
-    "bind a /proc knob read-only",           // 8
-    "mount tmpfs on /dev",                   // 9
-    "mknod in /dev",                         // 10
-    "mount devpts",                          // 11
-    "pivot_root",                            // 12
-    "detach the old root",                   // 13
-    "sethostname",                           // 14
-    "setdomainname",                         // 15
-    "setpriority",                           // 16
-    "reducecap",                             // 17
-    "setgroups/setgid/setuid",               // 18
-    "prctl(PR_SET_NO_NEW_PRIVS)",            // 19
-    "execve",                                // 20
-    "setns(pidfd)",                          // 21
-    "fork inside the context",               // 22
-    "chdir /",                               // 23
+    "wait for the parent",             // 0
+    "dup2 stdio",                      // 1
+    "setsid",                          // 2
+    "unshare(CLONE_NEWCGROUP)",        // 3
+    "make mounts private",             // 4
+    "bind-mount the tree onto itself", // 5
+    "chdir into the tree",             // 6
+    "mount /proc",                     // 7
+    "bind a /proc knob read-only",     // 8
+    "mount tmpfs on /dev",             // 9
+    "mknod in /dev",                   // 10
+    "mount devpts",                    // 11
+    "pivot_root",                      // 12
+    "detach the old root",             // 13
+    "sethostname",                     // 14
+    "setdomainname",                   // 15
+    "setpriority",                     // 16
+    "reducecap",                       // 17
+    "setgroups/setgid/setuid",         // 18
+    "prctl(PR_SET_NO_NEW_PRIVS)",      // 19
+    "execve",                          // 20
+    "setns(pidfd)",                    // 21
+    "fork inside the context",         // 22
+    "chdir /",                         // 23
 ];
 
 macro_rules! tryc {
@@ -284,7 +296,13 @@ macro_rules! tryc {
     };
 }
 
-fn sys_mount(src: *const libc::c_char, dst: *const libc::c_char, fstype: *const libc::c_char, flags: libc::c_ulong, data: *const libc::c_char) -> libc::c_int {
+fn sys_mount(
+    src: *const libc::c_char,
+    dst: *const libc::c_char,
+    fstype: *const libc::c_char,
+    flags: libc::c_ulong,
+    data: *const libc::c_char,
+) -> libc::c_int {
     // SAFETY: all pointers are NULL or valid NUL-terminated strings owned by
     // the prepared data of the caller.
     unsafe { libc::mount(src, dst, fstype, flags, data as *const libc::c_void) }
@@ -294,7 +312,9 @@ fn sys_mount(src: *const libc::c_char, dst: *const libc::c_char, fstype: *const 
 fn child_exec(p: &Prepared, err: RawFd) -> ! {
     if let Some(n) = p.nice {
         // SAFETY: setpriority with integer arguments.
-        tryc!(err, 16, unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, n) });
+        tryc!(err, 16, unsafe {
+            libc::setpriority(libc::PRIO_PROCESS, 0, n)
+        });
     }
     if let Err((_, e)) = capabilities::apply_raw(p.caps, p.last_cap) {
         write_err(err, 17, e);
@@ -330,7 +350,6 @@ fn child_exec(p: &Prepared, err: RawFd) -> ! {
     unsafe { libc::_exit(127) }
 }
 
-
 fn mode_of(kind: u32, perm: u32) -> u32 {
     kind | perm
 }
@@ -357,7 +376,16 @@ impl Prepared {
         let pre = if root.is_some() { "" } else { "/" };
         let c = |s: &str| cstring(&format!("{pre}{s}"), "path");
         let mut ro_binds = Vec::new();
-        for k in ["proc/sys", "proc/sysrq-trigger", "proc/irq", "proc/bus", "proc/fs", "proc/kcore", "proc/keys", "proc/timer_list"] {
+        for k in [
+            "proc/sys",
+            "proc/sysrq-trigger",
+            "proc/irq",
+            "proc/bus",
+            "proc/fs",
+            "proc/kcore",
+            "proc/keys",
+            "proc/timer_list",
+        ] {
             ro_binds.push(c(k)?);
         }
         let chr = libc::S_IFCHR;
@@ -370,7 +398,13 @@ impl Prepared {
             ("dev/tty", 0o666, 5, 0),
         ]
         .iter()
-        .map(|(n, m, ma, mi)| Ok((cstring(n, "dev")?, mode_of(chr, *m), libc::makedev(*ma, *mi))))
+        .map(|(n, m, ma, mi)| {
+            Ok((
+                cstring(n, "dev")?,
+                mode_of(chr, *m),
+                libc::makedev(*ma, *mi),
+            ))
+        })
         .collect::<Result<Vec<_>>>()?;
         Ok(Prepared {
             root,
@@ -381,8 +415,16 @@ impl Prepared {
             pts_dir: cstring("dev/pts", "dev")?,
             ptmx_link: cstring("dev/ptmx", "dev")?,
             shm_dir: cstring("dev/shm", "dev")?,
-            hostname: spec.hostname.as_deref().map(|h| cstring(h, "hostname")).transpose()?,
-            domainname: spec.domainname.as_deref().map(|h| cstring(h, "domainname")).transpose()?,
+            hostname: spec
+                .hostname
+                .as_deref()
+                .map(|h| cstring(h, "hostname"))
+                .transpose()?,
+            domainname: spec
+                .domainname
+                .as_deref()
+                .map(|h| cstring(h, "domainname"))
+                .transpose()?,
             _argv: argv,
             argv_ptrs,
             candidates,
@@ -425,16 +467,53 @@ fn child_main(p: &Prepared, sync: RawFd, err: RawFd) -> ! {
     // SAFETY: unshare with a flag constant.
     tryc!(err, 3, unsafe { libc::unshare(libc::CLONE_NEWCGROUP) });
     let null = std::ptr::null();
-    tryc!(err, 4, sys_mount(null, c"/".as_ptr(), null, libc::MS_REC | libc::MS_PRIVATE, null));
+    tryc!(
+        err,
+        4,
+        sys_mount(
+            null,
+            c"/".as_ptr(),
+            null,
+            libc::MS_REC | libc::MS_PRIVATE,
+            null
+        )
+    );
     if let Some(root) = &p.root {
-        tryc!(err, 5, sys_mount(root.as_ptr(), root.as_ptr(), null, libc::MS_BIND | libc::MS_REC, null));
+        tryc!(
+            err,
+            5,
+            sys_mount(
+                root.as_ptr(),
+                root.as_ptr(),
+                null,
+                libc::MS_BIND | libc::MS_REC,
+                null
+            )
+        );
         // SAFETY: chdir to a prepared NUL-terminated path.
         tryc!(err, 6, unsafe { libc::chdir(root.as_ptr()) });
     }
     let nsx = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    tryc!(err, 7, sys_mount(c"proc".as_ptr(), p.proc_dir.as_ptr(), c"proc".as_ptr(), nsx, null));
+    tryc!(
+        err,
+        7,
+        sys_mount(
+            c"proc".as_ptr(),
+            p.proc_dir.as_ptr(),
+            c"proc".as_ptr(),
+            nsx,
+            null
+        )
+    );
     for k in &p.ro_binds {
-        if sys_mount(k.as_ptr(), k.as_ptr(), null, libc::MS_BIND | libc::MS_REC, null) < 0 {
+        if sys_mount(
+            k.as_ptr(),
+            k.as_ptr(),
+            null,
+            libc::MS_BIND | libc::MS_REC,
+            null,
+        ) < 0
+        {
             let e = capabilities::errno();
             if e == libc::ENOENT {
                 continue;
@@ -443,44 +522,100 @@ fn child_main(p: &Prepared, sync: RawFd, err: RawFd) -> ! {
             // SAFETY: _exit never returns.
             unsafe { libc::_exit(127) }
         }
-        tryc!(err, 8, sys_mount(null, k.as_ptr(), null, libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | nsx, null));
+        tryc!(
+            err,
+            8,
+            sys_mount(
+                null,
+                k.as_ptr(),
+                null,
+                libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | nsx,
+                null
+            )
+        );
     }
     if p.root.is_some() {
-        tryc!(err, 9, sys_mount(c"tmpfs".as_ptr(), p.dev_dir.as_ptr(), c"tmpfs".as_ptr(), libc::MS_NOSUID | libc::MS_NOEXEC, c"mode=755,size=65536k".as_ptr()));
+        tryc!(
+            err,
+            9,
+            sys_mount(
+                c"tmpfs".as_ptr(),
+                p.dev_dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NOEXEC,
+                c"mode=755,size=65536k".as_ptr()
+            )
+        );
         for (path, mode, dev) in &p.dev {
             // SAFETY: mknod of a prepared path with integer mode/dev.
             tryc!(err, 10, unsafe { libc::mknod(path.as_ptr(), *mode, *dev) });
             // SAFETY: chmod of the node just made (umask may have cut bits).
-            tryc!(err, 10, unsafe { libc::chmod(path.as_ptr(), *mode & 0o777) });
+            tryc!(err, 10, unsafe {
+                libc::chmod(path.as_ptr(), *mode & 0o777)
+            });
         }
         // SAFETY: mkdir of a prepared path.
         tryc!(err, 11, unsafe { libc::mkdir(p.pts_dir.as_ptr(), 0o755) });
-        tryc!(err, 11, sys_mount(c"devpts".as_ptr(), p.pts_dir.as_ptr(), c"devpts".as_ptr(), libc::MS_NOSUID | libc::MS_NOEXEC, c"newinstance,ptmxmode=0666,mode=0620,gid=5".as_ptr()));
+        tryc!(
+            err,
+            11,
+            sys_mount(
+                c"devpts".as_ptr(),
+                p.pts_dir.as_ptr(),
+                c"devpts".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NOEXEC,
+                c"newinstance,ptmxmode=0666,mode=0620,gid=5".as_ptr()
+            )
+        );
         // SAFETY: symlink between prepared strings.
-        tryc!(err, 11, unsafe { libc::symlink(c"pts/ptmx".as_ptr(), p.ptmx_link.as_ptr()) });
+        tryc!(err, 11, unsafe {
+            libc::symlink(c"pts/ptmx".as_ptr(), p.ptmx_link.as_ptr())
+        });
         // SAFETY: mkdir of a prepared path.
         tryc!(err, 9, unsafe { libc::mkdir(p.shm_dir.as_ptr(), 0o1777) });
-        tryc!(err, 9, sys_mount(c"tmpfs".as_ptr(), p.shm_dir.as_ptr(), c"tmpfs".as_ptr(), nsx, c"mode=1777".as_ptr()));
-        for (t, l) in [(c"/proc/self/fd", c"dev/fd"), (c"/proc/self/fd/0", c"dev/stdin"), (c"/proc/self/fd/1", c"dev/stdout"), (c"/proc/self/fd/2", c"dev/stderr")] {
+        tryc!(
+            err,
+            9,
+            sys_mount(
+                c"tmpfs".as_ptr(),
+                p.shm_dir.as_ptr(),
+                c"tmpfs".as_ptr(),
+                nsx,
+                c"mode=1777".as_ptr()
+            )
+        );
+        for (t, l) in [
+            (c"/proc/self/fd", c"dev/fd"),
+            (c"/proc/self/fd/0", c"dev/stdin"),
+            (c"/proc/self/fd/1", c"dev/stdout"),
+            (c"/proc/self/fd/2", c"dev/stderr"),
+        ] {
             // SAFETY: symlink between static strings.
             unsafe { libc::symlink(t.as_ptr(), l.as_ptr()) };
         }
         // pivot_root(".", ".") stacks the old root under the new one; the
         // detach then removes it (no .oldroot directory needed).
         // SAFETY: pivot_root with two static strings.
-        tryc!(err, 12, unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) } as libc::c_int);
+        let pr = unsafe { libc::syscall(libc::SYS_pivot_root, c".".as_ptr(), c".".as_ptr()) };
+        tryc!(err, 12, pr as libc::c_int);
         // SAFETY: umount2 of the stacked old root.
-        tryc!(err, 13, unsafe { libc::umount2(c".".as_ptr(), libc::MNT_DETACH) });
+        tryc!(err, 13, unsafe {
+            libc::umount2(c".".as_ptr(), libc::MNT_DETACH)
+        });
         // SAFETY: chdir to a static string.
         tryc!(err, 13, unsafe { libc::chdir(c"/".as_ptr()) });
     }
     if let Some(h) = &p.hostname {
         // SAFETY: sethostname with a prepared string and its length.
-        tryc!(err, 14, unsafe { libc::sethostname(h.as_ptr(), h.as_bytes().len()) });
+        tryc!(err, 14, unsafe {
+            libc::sethostname(h.as_ptr(), h.as_bytes().len())
+        });
     }
     if let Some(d) = &p.domainname {
         // SAFETY: setdomainname with a prepared string and its length.
-        tryc!(err, 15, unsafe { libc::setdomainname(d.as_ptr(), d.as_bytes().len()) });
+        tryc!(err, 15, unsafe {
+            libc::setdomainname(d.as_ptr(), d.as_bytes().len())
+        });
     }
     child_exec(p, err)
 }
@@ -490,7 +625,13 @@ fn read_child_error(name: &str, err_r: &OwnedFd) -> Option<Error> {
     let mut got = 0usize;
     while got < 8 {
         // SAFETY: reads into the remaining part of a stack buffer.
-        let n = unsafe { libc::read(err_r.as_raw_fd(), buf[got..].as_mut_ptr() as *mut libc::c_void, 8 - got) };
+        let n = unsafe {
+            libc::read(
+                err_r.as_raw_fd(),
+                buf[got..].as_mut_ptr() as *mut libc::c_void,
+                8 - got,
+            )
+        };
         if n < 0 && capabilities::errno() == libc::EINTR {
             continue;
         }
@@ -529,7 +670,8 @@ pub fn new_s_context(spec: &ContextSpec, cg: &ContextCgroup) -> Result<Spawned> 
     let cgfd = cg.open_v2()?;
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
-    let mut flags = CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_PIDFD | CLONE_INTO_CGROUP;
+    let mut flags =
+        CLONE_NEWPID | CLONE_NEWNS | CLONE_NEWUTS | CLONE_NEWIPC | CLONE_PIDFD | CLONE_INTO_CGROUP;
     if spec.new_netns {
         flags |= CLONE_NEWNET;
     }
@@ -582,7 +724,10 @@ pub fn enter(init_pid: i32, cg: &ContextCgroup, spec: &ExecSpec) -> Result<Spawn
     // The pid must still be the context's init (pid reuse).
     let want = cg.procs()?;
     if !want.contains(&init_pid) {
-        return Err(Error::invalid(format!("context init {init_pid}"), "is not in the context's cgroup (stale run state?)"));
+        return Err(Error::invalid(
+            format!("context init {init_pid}"),
+            "is not in the context's cgroup (stale run state?)",
+        ));
     }
     let stdio = open_stdio(&spec.stdio)?;
     let cspec = ContextSpec {
@@ -597,10 +742,19 @@ pub fn enter(init_pid: i32, cg: &ContextCgroup, spec: &ExecSpec) -> Result<Spawn
     let (sync_r, sync_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
     let mut pidfd: i32 = -1;
-    let pid = clone3(CLONE_PIDFD | CLONE_INTO_CGROUP, Some(cgfd.as_raw_fd()), &mut pidfd)
-        .map_err(Error::sys("clone3 for enter"))?;
+    let pid = clone3(
+        CLONE_PIDFD | CLONE_INTO_CGROUP,
+        Some(cgfd.as_raw_fd()),
+        &mut pidfd,
+    )
+    .map_err(Error::sys("clone3 for enter"))?;
     if pid == 0 {
-        enter_helper(&prep, target.as_raw_fd(), sync_r.as_raw_fd(), err_w.as_raw_fd());
+        enter_helper(
+            &prep,
+            target.as_raw_fd(),
+            sync_r.as_raw_fd(),
+            err_w.as_raw_fd(),
+        );
     }
     // SAFETY: CLONE_PIDFD stored a fresh pidfd owned by us.
     let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) };
@@ -631,7 +785,12 @@ fn enter_helper(p: &Prepared, target: RawFd, sync: RawFd, err: RawFd) -> ! {
         unsafe { libc::_exit(127) }
     }
     child_stdio(p, err);
-    let all = libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC | libc::CLONE_NEWCGROUP | libc::CLONE_NEWNET;
+    let all = libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWCGROUP
+        | libc::CLONE_NEWNET;
     // SAFETY: setns with a pidfd we hold and namespace flags.
     tryc!(err, 21, unsafe { libc::setns(target, all) });
     let mut unused = -1;
@@ -672,7 +831,12 @@ fn enter_helper(p: &Prepared, target: RawFd, sync: RawFd, err: RawFd) -> ! {
 /// Stops a context: SIGTERM to its init (unless `stop_cmd_done`), wait up to
 /// `grace` for `populated 0`, then `cgroup.kill` and wait again. Reaps
 /// `reap_pid` when it is our child. Does not remove the cgroups.
-pub fn terminate(cg: &ContextCgroup, init: Option<&Spawned>, grace: Duration, signal_init: bool) -> Result<()> {
+pub fn terminate(
+    cg: &ContextCgroup,
+    init: Option<&Spawned>,
+    grace: Duration,
+    signal_init: bool,
+) -> Result<()> {
     let reap = init.map(|s| s.pid);
     if signal_init {
         if let Some(s) = init {

@@ -45,7 +45,11 @@ pub fn run(script: &Path, phase: Phase, name: &str) -> Result<()> {
         .arg(name)
         .env("VSHA_PHASE", phase.as_str())
         .output()
-        .map_err(Error::sys(format!("run hook {} {}", script.display(), phase.as_str())))?;
+        .map_err(Error::sys(format!(
+            "run hook {} {}",
+            script.display(),
+            phase.as_str()
+        )))?;
     let mut text = String::from_utf8_lossy(&out.stdout).into_owned();
     text.push_str(&String::from_utf8_lossy(&out.stderr));
     if !out.status.success() {

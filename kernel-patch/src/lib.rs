@@ -32,7 +32,7 @@ pub mod local;
 pub mod net;
 pub mod netmode;
 pub mod proc;
-pub mod syscall;
 mod sys;
+pub mod syscall;
 
 pub use error::{Error, Result};

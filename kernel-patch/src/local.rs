@@ -79,17 +79,22 @@ pub struct RunState {
 }
 
 fn now_unix() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 fn read_state(paths: &Paths, name: &str) -> Result<Option<RunState>> {
     let f = paths.state_file(name);
     match std::fs::read_to_string(&f) {
-        Ok(s) => serde_json::from_str(&s).map(Some).map_err(|e| Error::Config {
-            file: f.clone(),
-            field: "(run state)".into(),
-            reason: e.to_string(),
-        }),
+        Ok(s) => serde_json::from_str(&s)
+            .map(Some)
+            .map_err(|e| Error::Config {
+                file: f.clone(),
+                field: "(run state)".into(),
+                reason: e.to_string(),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::Sys {
             step: format!("read {}", f.display()),
@@ -99,10 +104,12 @@ fn read_state(paths: &Paths, name: &str) -> Result<Option<RunState>> {
 }
 
 fn write_state(paths: &Paths, st: &RunState) -> Result<()> {
-    std::fs::create_dir_all(&paths.run_dir).map_err(Error::sys(format!("mkdir {}", paths.run_dir.display())))?;
+    std::fs::create_dir_all(&paths.run_dir)
+        .map_err(Error::sys(format!("mkdir {}", paths.run_dir.display())))?;
     let f = paths.state_file(&st.name);
     let tmp = f.with_extension("json.tmp");
-    let text = serde_json::to_string_pretty(st).map_err(|e| Error::invalid("run state", e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(st).map_err(|e| Error::invalid("run state", e.to_string()))?;
     std::fs::write(&tmp, text).map_err(Error::sys(format!("write {}", tmp.display())))?;
     std::fs::rename(&tmp, &f).map_err(Error::sys(format!("rename to {}", f.display())))
 }
@@ -121,7 +128,10 @@ pub fn start_command(spec: &VserverSpec) -> Result<Vec<String>> {
     if spec.tree.join("sbin/init").exists() {
         return Ok(vec!["/sbin/init".into()]);
     }
-    Err(Error::invalid(format!("vserver {}", spec.name), "no start command: set `start` or the fakeinit flag"))
+    Err(Error::invalid(
+        format!("vserver {}", spec.name),
+        "no start command: set `start` or the fakeinit flag",
+    ))
 }
 
 /// The context spec (`new_s_context` arguments) for a vserver.
@@ -163,7 +173,8 @@ pub fn start_with(sys: &dyn Syscall, paths: &Paths, spec: &VserverSpec) -> Resul
     let hook = hooks::script_path(&paths.config_dir, &spec.name);
     sys.run_hook(&hook, Phase::PreStart, &spec.name)?;
     let cspec = context_spec(spec, paths)?;
-    std::fs::create_dir_all(&paths.run_dir).map_err(Error::sys(format!("mkdir {}", paths.run_dir.display())))?;
+    std::fs::create_dir_all(&paths.run_dir)
+        .map_err(Error::sys(format!("mkdir {}", paths.run_dir.display())))?;
     let cg = match sys.create_cgroup(&paths.cgroup_parent, &spec.name, &limits_of(spec)) {
         Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
             // a leftover empty cgroup of a crashed run
@@ -197,7 +208,10 @@ pub fn start_with(sys: &dyn Syscall, paths: &Paths, spec: &VserverSpec) -> Resul
         name: spec.name.clone(),
         init_pid: spawned.pid,
         started_unix: now_unix(),
-        context: spec.context.map(u64::from).unwrap_or_else(|| cg.id().unwrap_or(0)),
+        context: spec
+            .context
+            .map(u64::from)
+            .unwrap_or_else(|| cg.id().unwrap_or(0)),
         cgroup: cg.clone(),
         net,
         ip: spec.ip.clone(),
@@ -227,7 +241,12 @@ fn cleanup(sys: &dyn Syscall, paths: &Paths, st: &RunState) -> Result<()> {
 /// the context (or SIGTERM to its init) → wait up to `stop_timeout` for the
 /// cgroup to empty → `cgroup.kill` → remove the address alias → remove the
 /// cgroups → post-stop hook.
-pub fn stop_with(sys: &dyn Syscall, paths: &Paths, spec: &VserverSpec, st: &RunState) -> Result<()> {
+pub fn stop_with(
+    sys: &dyn Syscall,
+    paths: &Paths,
+    spec: &VserverSpec,
+    st: &RunState,
+) -> Result<()> {
     let hook = hooks::script_path(&paths.config_dir, &spec.name);
     if let Err(e) = sys.run_hook(&hook, Phase::PreStop, &spec.name) {
         tracing::warn!(error = %e, "pre-stop hook failed; stopping anyway");
@@ -339,8 +358,17 @@ pub fn exec(paths: &Paths, name: &str, cmd: &[String], opts: &ExecOptions) -> Re
 /// `vsha vserver enter NAME`: a login shell in the vserver.
 pub fn enter(paths: &Paths, name: &str) -> Result<i32> {
     let spec = VserverSpec::load(&paths.config_dir, name)?;
-    let shell = if spec.tree.join("bin/bash").exists() { "/bin/bash" } else { "/bin/sh" };
-    exec(paths, name, &[shell.to_string(), "-l".to_string()], &ExecOptions::default())
+    let shell = if spec.tree.join("bin/bash").exists() {
+        "/bin/bash"
+    } else {
+        "/bin/sh"
+    };
+    exec(
+        paths,
+        name,
+        &[shell.to_string(), "-l".to_string()],
+        &ExecOptions::default(),
+    )
 }
 
 /// `vsha vserver status NAME`.
@@ -363,13 +391,18 @@ pub struct VserverStatus {
 pub fn status(paths: &Paths, name: &str) -> Result<VserverStatus> {
     let spec = VserverSpec::load(&paths.config_dir, name)?;
     let st = read_state(paths, name)?;
-    let live = st.as_ref().filter(|s| s.cgroup.exists() && s.cgroup.populated().unwrap_or(false));
+    let live = st
+        .as_ref()
+        .filter(|s| s.cgroup.exists() && s.cgroup.populated().unwrap_or(false));
     Ok(VserverStatus {
         name: name.into(),
         running: live.is_some(),
         context: live.map(|s| s.context),
         init_pid: live.map(|s| s.init_pid),
-        processes: live.and_then(|s| s.cgroup.procs().ok()).map(|p| p.len()).unwrap_or(0),
+        processes: live
+            .and_then(|s| s.cgroup.procs().ok())
+            .map(|p| p.len())
+            .unwrap_or(0),
         uptime_secs: live.map(|s| now_unix().saturating_sub(s.started_unix)),
         ip: spec.ip.clone(),
         dev: spec.dev.clone(),
@@ -407,8 +440,12 @@ pub fn list(paths: &Paths) -> Result<Vec<ListRow>> {
         if p.extension().and_then(|x| x.to_str()) != Some("json") {
             continue;
         }
-        let Some(name) = p.file_stem().and_then(|s| s.to_str()) else { continue };
-        let Ok(Some(st)) = read_state(paths, name) else { continue };
+        let Some(name) = p.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let Ok(Some(st)) = read_state(paths, name) else {
+            continue;
+        };
         if !st.cgroup.exists() {
             continue;
         }
@@ -563,7 +600,8 @@ pub fn ctx_exec(opts: &CtxExecOptions) -> Result<i32> {
 /// `vsha vserver import /etc/vservers/NAME.conf`: the legacy file as a spec
 /// (tree `<tree_base>/NAME`, default `/vservers`).
 pub fn import(conf: &Path, tree_base: &Path) -> Result<VserverSpec> {
-    let text = std::fs::read_to_string(conf).map_err(Error::sys(format!("read {}", conf.display())))?;
+    let text =
+        std::fs::read_to_string(conf).map_err(Error::sys(format!("read {}", conf.display())))?;
     crate::config::import_legacy(&text, conf, tree_base)
 }
 
@@ -571,16 +609,19 @@ pub fn import(conf: &Path, tree_base: &Path) -> Result<VserverSpec> {
 /// copies a legacy `NAME.sh` hook next to it. Returns the TOML path.
 pub fn import_to(paths: &Paths, conf: &Path, tree_base: &Path) -> Result<PathBuf> {
     let spec = import(conf, tree_base)?;
-    std::fs::create_dir_all(&paths.config_dir).map_err(Error::sys(format!("mkdir {}", paths.config_dir.display())))?;
+    std::fs::create_dir_all(&paths.config_dir)
+        .map_err(Error::sys(format!("mkdir {}", paths.config_dir.display())))?;
     let out = paths.config_dir.join(format!("{}.toml", spec.name));
     if out.exists() {
         return Err(Error::invalid(out.display().to_string(), "already exists"));
     }
-    std::fs::write(&out, spec.to_toml()?).map_err(Error::sys(format!("write {}", out.display())))?;
+    std::fs::write(&out, spec.to_toml()?)
+        .map_err(Error::sys(format!("write {}", out.display())))?;
     let legacy_hook = conf.with_extension("sh");
     if legacy_hook.exists() {
         let dst = hooks::script_path(&paths.config_dir, &spec.name);
-        std::fs::copy(&legacy_hook, &dst).map_err(Error::sys(format!("copy {}", legacy_hook.display())))?;
+        std::fs::copy(&legacy_hook, &dst)
+            .map_err(Error::sys(format!("copy {}", legacy_hook.display())))?;
     }
     Ok(out)
 }
@@ -614,13 +655,20 @@ impl Default for BuildOptions {
 pub fn build(paths: &Paths, name: &str, opts: &BuildOptions) -> Result<PathBuf> {
     use std::os::unix::fs::PermissionsExt;
     if !crate::config::valid_name(name) {
-        return Err(Error::invalid("vserver name", format!("{name:?} is not a valid name")));
+        return Err(Error::invalid(
+            "vserver name",
+            format!("{name:?} is not a valid name"),
+        ));
     }
-    let tree = opts.tree.clone().unwrap_or_else(|| Path::new("/vservers").join(name));
+    let tree = opts
+        .tree
+        .clone()
+        .unwrap_or_else(|| Path::new("/vservers").join(name));
     let mk = |d: &str, mode: u32| -> Result<()> {
         let p = tree.join(d);
         std::fs::create_dir_all(&p).map_err(Error::sys(format!("mkdir {}", p.display())))?;
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).map_err(Error::sys(format!("chmod {}", p.display())))
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode))
+            .map_err(Error::sys(format!("chmod {}", p.display())))
     };
     if let Some(suite) = &opts.debootstrap {
         let out = std::process::Command::new("debootstrap")
@@ -629,19 +677,31 @@ pub fn build(paths: &Paths, name: &str, opts: &BuildOptions) -> Result<PathBuf> 
             .output()
             .map_err(Error::sys("run debootstrap (apt-get install debootstrap)"))?;
         if !out.status.success() {
-            return Err(Error::invalid("debootstrap", String::from_utf8_lossy(&out.stderr).trim().to_string()));
+            return Err(Error::invalid(
+                "debootstrap",
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
         }
     } else {
-        for d in ["bin", "sbin", "usr/bin", "usr/sbin", "etc", "var/run", "var/log", "home"] {
+        for d in [
+            "bin", "sbin", "usr/bin", "usr/sbin", "etc", "var/run", "var/log", "home",
+        ] {
             mk(d, 0o755)?;
         }
         let bb = tree.join("bin/busybox");
-        std::fs::copy(&opts.busybox, &bb).map_err(Error::sys(format!("copy {} (apt-get install busybox-static)", opts.busybox.display())))?;
-        std::fs::set_permissions(&bb, std::fs::Permissions::from_mode(0o755)).map_err(Error::sys("chmod busybox"))?;
+        std::fs::copy(&opts.busybox, &bb).map_err(Error::sys(format!(
+            "copy {} (apt-get install busybox-static)",
+            opts.busybox.display()
+        )))?;
+        std::fs::set_permissions(&bb, std::fs::Permissions::from_mode(0o755))
+            .map_err(Error::sys("chmod busybox"))?;
         let out = std::process::Command::new(&opts.busybox)
             .arg("--list-full")
             .output()
-            .map_err(Error::sys(format!("run {} --list-full", opts.busybox.display())))?;
+            .map_err(Error::sys(format!(
+                "run {} --list-full",
+                opts.busybox.display()
+            )))?;
         for applet in String::from_utf8_lossy(&out.stdout).lines() {
             let applet = applet.trim();
             if applet.is_empty() || applet.contains("..") || applet == "bin/busybox" {
@@ -654,7 +714,8 @@ pub fn build(paths: &Paths, name: &str, opts: &BuildOptions) -> Result<PathBuf> 
             if let Some(parent) = link.parent() {
                 let _ = std::fs::create_dir_all(parent);
             }
-            std::os::unix::fs::symlink("/bin/busybox", &link).map_err(Error::sys(format!("symlink {}", link.display())))?;
+            std::os::unix::fs::symlink("/bin/busybox", &link)
+                .map_err(Error::sys(format!("symlink {}", link.display())))?;
         }
         let files = [
             ("etc/passwd", "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n"),
@@ -668,7 +729,8 @@ pub fn build(paths: &Paths, name: &str, opts: &BuildOptions) -> Result<PathBuf> 
                 std::fs::write(&p, text).map_err(Error::sys(format!("write {}", p.display())))?;
             }
         }
-        std::fs::write(tree.join("etc/hostname"), format!("{name}\n")).map_err(Error::sys("write etc/hostname"))?;
+        std::fs::write(tree.join("etc/hostname"), format!("{name}\n"))
+            .map_err(Error::sys("write etc/hostname"))?;
     }
     mk("proc", 0o555)?;
     mk("dev", 0o755)?;
@@ -680,8 +742,10 @@ pub fn build(paths: &Paths, name: &str, opts: &BuildOptions) -> Result<PathBuf> 
             let mut spec = VserverSpec::new(name, &tree);
             spec.hostname = Some(name.to_string());
             spec.flags = vec![Flag::Fakeinit];
-            std::fs::create_dir_all(&paths.config_dir).map_err(Error::sys(format!("mkdir {}", paths.config_dir.display())))?;
-            std::fs::write(&f, spec.to_toml()?).map_err(Error::sys(format!("write {}", f.display())))?;
+            std::fs::create_dir_all(&paths.config_dir)
+                .map_err(Error::sys(format!("mkdir {}", paths.config_dir.display())))?;
+            std::fs::write(&f, spec.to_toml()?)
+                .map_err(Error::sys(format!("write {}", f.display())))?;
         }
     }
     tracing::info!(name, tree = %tree.display(), "tree built");

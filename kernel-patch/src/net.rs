@@ -31,7 +31,11 @@ pub struct Mac(pub [u8; 6]);
 impl std::fmt::Display for Mac {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let m = self.0;
-        write!(f, "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}", m[0], m[1], m[2], m[3], m[4], m[5])
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
     }
 }
 
@@ -48,7 +52,12 @@ pub fn ifindex(dev: &str) -> Result<u32> {
 
 /// Hardware address of `dev` (SIOCGIFHWADDR).
 pub fn hwaddr(dev: &str) -> Result<Mac> {
-    let sock = socket(libc::AF_INET, libc::SOCK_DGRAM, 0, "socket(AF_INET) for SIOCGIFHWADDR")?;
+    let sock = socket(
+        libc::AF_INET,
+        libc::SOCK_DGRAM,
+        0,
+        "socket(AF_INET) for SIOCGIFHWADDR",
+    )?;
     // SAFETY: ifreq is plain old data; all-zero is a valid value.
     let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
     if dev.len() >= ifr.ifr_name.len() {
@@ -86,7 +95,7 @@ fn push_attr(buf: &mut Vec<u8>, ty: u16, data: &[u8]) {
     buf.extend_from_slice(&(len as u16).to_ne_bytes());
     buf.extend_from_slice(&ty.to_ne_bytes());
     buf.extend_from_slice(data);
-    while buf.len() % 4 != 0 {
+    while !buf.len().is_multiple_of(4) {
         buf.push(0);
     }
 }
@@ -109,6 +118,9 @@ pub enum AddrChange {
     AlreadyThere,
 }
 
+/// Messages (type, payload) of a reply, or the kernel's errno.
+type NlReply = std::result::Result<Vec<(u16, Vec<u8>)>, i32>;
+
 struct Netlink {
     fd: OwnedFd,
     seq: u32,
@@ -116,7 +128,12 @@ struct Netlink {
 
 impl Netlink {
     fn open() -> Result<Netlink> {
-        let fd = socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE, "socket(AF_NETLINK, NETLINK_ROUTE)")?;
+        let fd = socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW,
+            libc::NETLINK_ROUTE,
+            "socket(AF_NETLINK, NETLINK_ROUTE)",
+        )?;
         Ok(Netlink { fd, seq: 1 })
     }
 
@@ -151,12 +168,19 @@ impl Netlink {
 
     /// Receives messages for `seq` until ACK/DONE; returns (type, payload)s
     /// or the kernel's error code.
-    fn recv(&mut self, seq: u32) -> Result<std::result::Result<Vec<(u16, Vec<u8>)>, i32>> {
+    fn recv(&mut self, seq: u32) -> Result<NlReply> {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 65536];
         loop {
             // SAFETY: receives into our buffer.
-            let n = unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), 0) };
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                    buf.len(),
+                    0,
+                )
+            };
             if n < 0 {
                 if crate::capabilities::errno() == libc::EINTR {
                     continue;
@@ -166,7 +190,8 @@ impl Netlink {
             let mut off = 0usize;
             let n = n as usize;
             while off + 16 <= n {
-                let len = u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
+                let len =
+                    u32::from_ne_bytes(buf[off..off + 4].try_into().unwrap_or([0; 4])) as usize;
                 let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
                 let mseq = u32::from_ne_bytes(buf[off + 8..off + 12].try_into().unwrap_or([0; 4]));
                 if len < 16 || off + len > n {
@@ -176,7 +201,8 @@ impl Netlink {
                 if mseq == seq {
                     match ty {
                         NLMSG_ERROR => {
-                            let code = i32::from_ne_bytes(payload[..4].try_into().unwrap_or([0; 4]));
+                            let code =
+                                i32::from_ne_bytes(payload[..4].try_into().unwrap_or([0; 4]));
                             return Ok(if code == 0 { Ok(out) } else { Err(-code) });
                         }
                         NLMSG_DONE => return Ok(Ok(out)),
@@ -195,7 +221,13 @@ fn ifaddrmsg(prefix: u8, index: u32) -> Vec<u8> {
     p
 }
 
-fn addr_msg(ip: Ipv4Addr, prefix: u8, index: u32, bcast: Option<Ipv4Addr>, label: Option<&str>) -> Vec<u8> {
+fn addr_msg(
+    ip: Ipv4Addr,
+    prefix: u8,
+    index: u32,
+    bcast: Option<Ipv4Addr>,
+    label: Option<&str>,
+) -> Vec<u8> {
     let mut p = ifaddrmsg(prefix, index);
     push_attr(&mut p, IFA_LOCAL, &ip.octets());
     push_attr(&mut p, IFA_ADDRESS, &ip.octets());
@@ -215,17 +247,30 @@ pub fn broadcast(ip: Ipv4Addr, prefix: u8) -> Ipv4Addr {
     if prefix >= 31 {
         return ip;
     }
-    let mask = if prefix == 0 { 0 } else { u32::MAX << (32 - prefix) };
+    let mask = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - prefix)
+    };
     Ipv4Addr::from(u32::from(ip) | !mask)
 }
 
 /// Adds `ip/prefix` to `dev` (RTM_NEWADDR). EEXIST → `AlreadyThere`.
-pub fn add_address(dev: &str, ip: Ipv4Addr, prefix: u8, bcast: Option<Ipv4Addr>) -> Result<AddrChange> {
+pub fn add_address(
+    dev: &str,
+    ip: Ipv4Addr,
+    prefix: u8,
+    bcast: Option<Ipv4Addr>,
+) -> Result<AddrChange> {
     let index = ifindex(dev)?;
     let mut nl = Netlink::open()?;
     let b = bcast.unwrap_or_else(|| broadcast(ip, prefix));
     let flags = (libc::NLM_F_ACK | libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16;
-    let seq = nl.send(RTM_NEWADDR, flags, &addr_msg(ip, prefix, index, Some(b), None))?;
+    let seq = nl.send(
+        RTM_NEWADDR,
+        flags,
+        &addr_msg(ip, prefix, index, Some(b), None),
+    )?;
     match nl.recv(seq)? {
         Ok(_) => {
             tracing::info!(%ip, prefix, dev, "address added");
@@ -243,7 +288,11 @@ pub fn add_address(dev: &str, ip: Ipv4Addr, prefix: u8, bcast: Option<Ipv4Addr>)
 pub fn del_address(dev: &str, ip: Ipv4Addr, prefix: u8) -> Result<AddrChange> {
     let index = ifindex(dev)?;
     let mut nl = Netlink::open()?;
-    let seq = nl.send(RTM_DELADDR, libc::NLM_F_ACK as u16, &addr_msg(ip, prefix, index, None, None))?;
+    let seq = nl.send(
+        RTM_DELADDR,
+        libc::NLM_F_ACK as u16,
+        &addr_msg(ip, prefix, index, None, None),
+    )?;
     match nl.recv(seq)? {
         Ok(_) => {
             tracing::info!(%ip, prefix, dev, "address removed");
@@ -260,7 +309,11 @@ pub fn del_address(dev: &str, ip: Ipv4Addr, prefix: u8) -> Result<AddrChange> {
 /// All IPv4 addresses (RTM_GETADDR dump).
 pub fn list_addresses() -> Result<Vec<IfAddr>> {
     let mut nl = Netlink::open()?;
-    let seq = nl.send(RTM_GETADDR, (libc::NLM_F_ROOT | libc::NLM_F_MATCH) as u16, &ifaddrmsg(0, 0))?;
+    let seq = nl.send(
+        RTM_GETADDR,
+        (libc::NLM_F_ROOT | libc::NLM_F_MATCH) as u16,
+        &ifaddrmsg(0, 0),
+    )?;
     let msgs = nl.recv(seq)?.map_err(|e| Error::Sys {
         step: "rtnetlink RTM_GETADDR".into(),
         source: std::io::Error::from_raw_os_error(e),
@@ -284,8 +337,14 @@ pub fn list_addresses() -> Result<Vec<IfAddr>> {
             let d = &p[off + 4..off + len];
             match aty {
                 IFA_LOCAL if d.len() == 4 => addr = Some(Ipv4Addr::new(d[0], d[1], d[2], d[3])),
-                IFA_ADDRESS if d.len() == 4 && addr.is_none() => addr = Some(Ipv4Addr::new(d[0], d[1], d[2], d[3])),
-                IFA_LABEL => label = String::from_utf8_lossy(d).trim_end_matches('\0').to_string(),
+                IFA_ADDRESS if d.len() == 4 && addr.is_none() => {
+                    addr = Some(Ipv4Addr::new(d[0], d[1], d[2], d[3]))
+                }
+                IFA_LABEL => {
+                    label = String::from_utf8_lossy(d)
+                        .trim_end_matches('\0')
+                        .to_string()
+                }
                 _ => {}
             }
             off += (len + 3) & !3;
@@ -307,7 +366,10 @@ pub fn list_addresses() -> Result<Vec<IfAddr>> {
 /// address does not take the vserver IPs with it).
 pub fn set_promote_secondaries(dev: &str) -> Result<()> {
     if dev.contains('/') || dev.contains("..") {
-        return Err(Error::invalid("device", format!("{dev:?} is not a device name")));
+        return Err(Error::invalid(
+            "device",
+            format!("{dev:?} is not a device name"),
+        ));
     }
     let p = format!("/proc/sys/net/ipv4/conf/{dev}/promote_secondaries");
     std::fs::write(&p, "1").map_err(Error::sys(format!("write 1 to {p}")))
@@ -318,7 +380,12 @@ const ETH_P_ARP: u16 = 0x0806;
 fn packet_socket(dev: &str) -> Result<(OwnedFd, u32, Mac)> {
     let index = ifindex(dev)?;
     let mac = hwaddr(dev)?;
-    let fd = socket(libc::AF_PACKET, libc::SOCK_RAW, ETH_P_ARP.to_be() as i32, "socket(AF_PACKET, SOCK_RAW)")?;
+    let fd = socket(
+        libc::AF_PACKET,
+        libc::SOCK_RAW,
+        ETH_P_ARP.to_be() as i32,
+        "socket(AF_PACKET, SOCK_RAW)",
+    )?;
     // SAFETY: zeroed sockaddr_ll is valid.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = libc::AF_PACKET as u16;
@@ -339,7 +406,15 @@ fn packet_socket(dev: &str) -> Result<(OwnedFd, u32, Mac)> {
 }
 
 /// An ARP frame (42 bytes: Ethernet header + ARP for IPv4).
-pub fn arp_frame(op: u16, src_mac: Mac, sha: Mac, spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr, dst: [u8; 6]) -> [u8; 42] {
+pub fn arp_frame(
+    op: u16,
+    src_mac: Mac,
+    sha: Mac,
+    spa: Ipv4Addr,
+    tha: [u8; 6],
+    tpa: Ipv4Addr,
+    dst: [u8; 6],
+) -> [u8; 42] {
     let mut f = [0u8; 42];
     f[0..6].copy_from_slice(&dst);
     f[6..12].copy_from_slice(&src_mac.0);
@@ -411,15 +486,26 @@ pub fn arp_probe(dev: &str, ip: Ipv4Addr, probes: u32, wait: Duration) -> Result
     loop {
         let now = Instant::now();
         if sent < probes && now >= next_probe {
-            send_frame(&fd, index, &arp_frame(1, mac, mac, Ipv4Addr::UNSPECIFIED, [0; 6], ip, bc))?;
+            send_frame(
+                &fd,
+                index,
+                &arp_frame(1, mac, mac, Ipv4Addr::UNSPECIFIED, [0; 6], ip, bc),
+            )?;
             sent += 1;
             next_probe = now + per;
         }
         if now >= deadline {
             return Ok(None);
         }
-        let until = if sent < probes { next_probe.min(deadline) } else { deadline };
-        let ms = until.saturating_duration_since(Instant::now()).as_millis().clamp(1, 1000) as i32;
+        let until = if sent < probes {
+            next_probe.min(deadline)
+        } else {
+            deadline
+        };
+        let ms = until
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .clamp(1, 1000) as i32;
         let mut pfd = libc::pollfd {
             fd: fd.as_raw_fd(),
             events: libc::POLLIN,
@@ -431,7 +517,14 @@ pub fn arp_probe(dev: &str, ip: Ipv4Addr, probes: u32, wait: Duration) -> Result
             continue;
         }
         // SAFETY: receives into a stack buffer.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr() as *mut libc::c_void, buf.len(), libc::MSG_DONTWAIT) };
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
         if n < 42 {
             continue;
         }
@@ -454,6 +547,33 @@ pub fn arp_probe(dev: &str, ip: Ipv4Addr, probes: u32, wait: Duration) -> Result
     }
 }
 
+/// Opens (and closes) a raw IPv4 ICMP socket: whether the caller holds
+/// CAP_NET_RAW in its network namespace. Used to check that a context cannot.
+pub fn raw_socket() -> Result<()> {
+    socket(
+        libc::AF_INET,
+        libc::SOCK_RAW,
+        libc::IPPROTO_ICMP,
+        "socket(AF_INET, SOCK_RAW)",
+    )
+    .map(|_| ())
+}
+
+/// Moves the calling thread into the network namespace at `path` (e.g.
+/// `/run/netns/NAME`). Only this thread changes namespace.
+pub fn enter_netns(path: &std::path::Path) -> Result<()> {
+    let f = std::fs::File::open(path).map_err(Error::sys(format!("open {}", path.display())))?;
+    // SAFETY: setns on an fd we hold, restricted to network namespaces.
+    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    if r < 0 {
+        return Err(Error::last_os(format!(
+            "setns({}, CLONE_NEWNET)",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -464,34 +584,26 @@ mod tests {
         let ip = Ipv4Addr::new(192, 168, 77, 50);
         let f = arp_frame(1, mac, mac, ip, [0; 6], ip, [0xff; 6]);
         let want: [u8; 42] = [
-            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x2e, 0x2a, 0xf5, 0x72, 0x5d, 0x46, 0x08, 0x06, 0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00,
-            0x01, 0x2e, 0x2a, 0xf5, 0x72, 0x5d, 0x46, 0xc0, 0xa8, 0x4d, 0x32, 0, 0, 0, 0, 0, 0, 0xc0, 0xa8, 0x4d, 0x32,
+            0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x2e, 0x2a, 0xf5, 0x72, 0x5d, 0x46, 0x08, 0x06,
+            0x00, 0x01, 0x08, 0x00, 0x06, 0x04, 0x00, 0x01, 0x2e, 0x2a, 0xf5, 0x72, 0x5d, 0x46,
+            0xc0, 0xa8, 0x4d, 0x32, 0, 0, 0, 0, 0, 0, 0xc0, 0xa8, 0x4d, 0x32,
         ];
         assert_eq!(f, want);
     }
 
     #[test]
     fn broadcast_addresses() {
-        assert_eq!(broadcast(Ipv4Addr::new(10, 1, 2, 3), 24), Ipv4Addr::new(10, 1, 2, 255));
-        assert_eq!(broadcast(Ipv4Addr::new(10, 1, 2, 3), 32), Ipv4Addr::new(10, 1, 2, 3));
-        assert_eq!(broadcast(Ipv4Addr::new(10, 1, 2, 3), 0), Ipv4Addr::BROADCAST);
+        assert_eq!(
+            broadcast(Ipv4Addr::new(10, 1, 2, 3), 24),
+            Ipv4Addr::new(10, 1, 2, 255)
+        );
+        assert_eq!(
+            broadcast(Ipv4Addr::new(10, 1, 2, 3), 32),
+            Ipv4Addr::new(10, 1, 2, 3)
+        );
+        assert_eq!(
+            broadcast(Ipv4Addr::new(10, 1, 2, 3), 0),
+            Ipv4Addr::BROADCAST
+        );
     }
-}
-
-/// Opens (and closes) a raw IPv4 ICMP socket: whether the caller holds
-/// CAP_NET_RAW in its network namespace. Used to check that a context cannot.
-pub fn raw_socket() -> Result<()> {
-    socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP, "socket(AF_INET, SOCK_RAW)").map(|_| ())
-}
-
-/// Moves the calling thread into the network namespace at `path` (e.g.
-/// `/run/netns/NAME`). Only this thread changes namespace.
-pub fn enter_netns(path: &std::path::Path) -> Result<()> {
-    let f = std::fs::File::open(path).map_err(Error::sys(format!("open {}", path.display())))?;
-    // SAFETY: setns on an fd we hold, restricted to network namespaces.
-    let r = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if r < 0 {
-        return Err(Error::last_os(format!("setns({}, CLONE_NEWNET)", path.display())));
-    }
-    Ok(())
 }

@@ -34,9 +34,20 @@ pub trait NetworkMode {
     /// Whether the context gets its own network namespace.
     fn new_netns(&self) -> bool;
     /// Host-side setup before the first process exists (cgroup ready).
-    fn before_spawn(&self, sys: &dyn Syscall, spec: &VserverSpec, cg: &ContextCgroup) -> Result<NetState>;
+    fn before_spawn(
+        &self,
+        sys: &dyn Syscall,
+        spec: &VserverSpec,
+        cg: &ContextCgroup,
+    ) -> Result<NetState>;
     /// Host-side setup once the init runs (announcements, links).
-    fn after_spawn(&self, sys: &dyn Syscall, spec: &VserverSpec, state: &NetState, init_pid: i32) -> Result<()>;
+    fn after_spawn(
+        &self,
+        sys: &dyn Syscall,
+        spec: &VserverSpec,
+        state: &NetState,
+        init_pid: i32,
+    ) -> Result<()>;
     /// Undo `before_spawn`/`after_spawn`.
     fn teardown(&self, sys: &dyn Syscall, state: &NetState) -> Result<()>;
 }
@@ -52,7 +63,12 @@ impl NetworkMode for SharedStack {
     fn new_netns(&self) -> bool {
         false
     }
-    fn before_spawn(&self, sys: &dyn Syscall, spec: &VserverSpec, cg: &ContextCgroup) -> Result<NetState> {
+    fn before_spawn(
+        &self,
+        sys: &dyn Syscall,
+        spec: &VserverSpec,
+        cg: &ContextCgroup,
+    ) -> Result<NetState> {
         let mut st = NetState::default();
         let Some((ip, prefix)) = spec.ipv4() else {
             return Ok(st);
@@ -67,7 +83,13 @@ impl NetworkMode for SharedStack {
         }
         Ok(st)
     }
-    fn after_spawn(&self, sys: &dyn Syscall, spec: &VserverSpec, _state: &NetState, _init: i32) -> Result<()> {
+    fn after_spawn(
+        &self,
+        sys: &dyn Syscall,
+        spec: &VserverSpec,
+        _state: &NetState,
+        _init: i32,
+    ) -> Result<()> {
         if let (Some((ip, _)), Some(dev)) = (spec.ipv4(), &spec.dev) {
             sys.announce(dev, ip)?;
         }
@@ -92,10 +114,21 @@ impl NetworkMode for NetNs {
     fn new_netns(&self) -> bool {
         true
     }
-    fn before_spawn(&self, _sys: &dyn Syscall, _spec: &VserverSpec, _cg: &ContextCgroup) -> Result<NetState> {
+    fn before_spawn(
+        &self,
+        _sys: &dyn Syscall,
+        _spec: &VserverSpec,
+        _cg: &ContextCgroup,
+    ) -> Result<NetState> {
         Ok(NetState::default())
     }
-    fn after_spawn(&self, _sys: &dyn Syscall, spec: &VserverSpec, _state: &NetState, init_pid: i32) -> Result<()> {
+    fn after_spawn(
+        &self,
+        _sys: &dyn Syscall,
+        spec: &VserverSpec,
+        _state: &NetState,
+        init_pid: i32,
+    ) -> Result<()> {
         tracing::warn!(name = %spec.name, init_pid, "netns mode: the namespace has only loopback (uplink wiring not implemented)");
         Ok(())
     }

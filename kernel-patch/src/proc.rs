@@ -36,19 +36,37 @@ pub fn read_proc(proc_root: &Path, pid: i32) -> Option<ProcInfo> {
     };
     let mut name = String::new();
     for l in status.lines() {
-        let Some((k, v)) = l.split_once(':') else { continue };
+        let Some((k, v)) = l.split_once(':') else {
+            continue;
+        };
         let v = v.trim();
         match k {
             "Name" => name = v.to_string(),
             "State" => info.state = v.split_whitespace().next().unwrap_or("").to_string(),
             "PPid" => info.ppid = v.parse().unwrap_or(0),
-            "Uid" => info.uid = v.split_whitespace().next().and_then(|u| u.parse().ok()).unwrap_or(0),
-            "NSpid" => info.inner_pid = v.split_whitespace().last().and_then(|p| p.parse().ok()).unwrap_or(pid),
+            "Uid" => {
+                info.uid = v
+                    .split_whitespace()
+                    .next()
+                    .and_then(|u| u.parse().ok())
+                    .unwrap_or(0)
+            }
+            "NSpid" => {
+                info.inner_pid = v
+                    .split_whitespace()
+                    .last()
+                    .and_then(|p| p.parse().ok())
+                    .unwrap_or(pid)
+            }
             _ => {}
         }
     }
     if let Ok(cg) = fs::read_to_string(d.join("cgroup")) {
-        info.cgroup = cg.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("").to_string();
+        info.cgroup = cg
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or("")
+            .to_string();
     }
     let cmdline = fs::read(d.join("cmdline")).unwrap_or_default();
     let cmd: Vec<String> = cmdline
@@ -56,7 +74,11 @@ pub fn read_proc(proc_root: &Path, pid: i32) -> Option<ProcInfo> {
         .filter(|s| !s.is_empty())
         .map(|s| String::from_utf8_lossy(s).into_owned())
         .collect();
-    info.command = if cmd.is_empty() { format!("[{name}]") } else { cmd.join(" ") };
+    info.command = if cmd.is_empty() {
+        format!("[{name}]")
+    } else {
+        cmd.join(" ")
+    };
     Some(info)
 }
 
@@ -83,7 +105,11 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let d = t.path().join("4242");
         fs::create_dir(&d).unwrap();
-        fs::write(d.join("status"), "Name:\tsleep\nState:\tS (sleeping)\nPPid:\t4200\nUid:\t0\t0\t0\t0\nNSpid:\t4242\t3\n").unwrap();
+        fs::write(
+            d.join("status"),
+            "Name:\tsleep\nState:\tS (sleeping)\nPPid:\t4200\nUid:\t0\t0\t0\t0\nNSpid:\t4242\t3\n",
+        )
+        .unwrap();
         fs::write(d.join("cgroup"), "12:pids:/vsha/web\n0::/vsha/web\n").unwrap();
         fs::write(d.join("cmdline"), b"sleep\x00100\x00").unwrap();
         fs::create_dir(t.path().join("self")).unwrap();

@@ -31,7 +31,12 @@ pub(crate) fn path_cstring(p: &Path) -> Result<CString> {
 pub(crate) fn open_dir(p: &Path) -> Result<OwnedFd> {
     let c = path_cstring(p)?;
     // SAFETY: `c` is a valid NUL-terminated string; flags are plain constants.
-    let fd = unsafe { libc::open(c.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) };
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+        )
+    };
     if fd < 0 {
         return Err(Error::last_os(format!("open {}", p.display())));
     }

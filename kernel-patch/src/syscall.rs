@@ -22,7 +22,13 @@ pub trait Syscall: Send + Sync {
     fn locate_cgroup(&self, parent: &str, name: &str) -> Result<ContextCgroup>;
     /// Attaches the ipv4root programs to the context's cgroup.
     fn set_ipv4root(&self, cg: &ContextCgroup, ip: Ipv4Addr, allow_ipv6: bool) -> Result<()>;
-    fn add_address(&self, dev: &str, ip: Ipv4Addr, prefix: u8, bcast: Option<Ipv4Addr>) -> Result<AddrChange>;
+    fn add_address(
+        &self,
+        dev: &str,
+        ip: Ipv4Addr,
+        prefix: u8,
+        bcast: Option<Ipv4Addr>,
+    ) -> Result<AddrChange>;
     fn del_address(&self, dev: &str, ip: Ipv4Addr, prefix: u8) -> Result<AddrChange>;
     fn promote_secondaries(&self, dev: &str) -> Result<()>;
     /// Gratuitous ARP burst for `ip` on `dev`.
@@ -32,7 +38,13 @@ pub trait Syscall: Send + Sync {
     /// Runs a command inside a running context and waits for it.
     fn exec_in(&self, init_pid: i32, cg: &ContextCgroup, spec: &ExecSpec) -> Result<i32>;
     /// SIGTERM (optional), wait `grace`, `cgroup.kill`, wait.
-    fn terminate(&self, cg: &ContextCgroup, init_pid: Option<i32>, grace: Duration, signal_init: bool) -> Result<()>;
+    fn terminate(
+        &self,
+        cg: &ContextCgroup,
+        init_pid: Option<i32>,
+        grace: Duration,
+        signal_init: bool,
+    ) -> Result<()>;
     fn remove_cgroup(&self, cg: &ContextCgroup) -> Result<()>;
     fn run_hook(&self, script: &Path, phase: Phase, name: &str) -> Result<()>;
 }
@@ -68,7 +80,13 @@ impl Syscall for LinuxSyscall {
         let fd = cg.open_v2()?;
         crate::bpf::set_ipv4root(std::os::fd::AsRawFd::as_raw_fd(&fd), ip, allow_ipv6)
     }
-    fn add_address(&self, dev: &str, ip: Ipv4Addr, prefix: u8, bcast: Option<Ipv4Addr>) -> Result<AddrChange> {
+    fn add_address(
+        &self,
+        dev: &str,
+        ip: Ipv4Addr,
+        prefix: u8,
+        bcast: Option<Ipv4Addr>,
+    ) -> Result<AddrChange> {
         crate::net::add_address(dev, ip, prefix, bcast)
     }
     fn del_address(&self, dev: &str, ip: Ipv4Addr, prefix: u8) -> Result<AddrChange> {
@@ -86,9 +104,17 @@ impl Syscall for LinuxSyscall {
     fn exec_in(&self, init_pid: i32, cg: &ContextCgroup, spec: &ExecSpec) -> Result<i32> {
         crate::context::enter(init_pid, cg, spec)?.wait()
     }
-    fn terminate(&self, cg: &ContextCgroup, init_pid: Option<i32>, grace: Duration, signal_init: bool) -> Result<()> {
+    fn terminate(
+        &self,
+        cg: &ContextCgroup,
+        init_pid: Option<i32>,
+        grace: Duration,
+        signal_init: bool,
+    ) -> Result<()> {
         let init = match init_pid {
-            Some(p) => crate::sys::pidfd_open(p).ok().map(|pidfd| Spawned { pid: p, pidfd }),
+            Some(p) => crate::sys::pidfd_open(p)
+                .ok()
+                .map(|pidfd| Spawned { pid: p, pidfd }),
             None => None,
         };
         crate::context::terminate(cg, init.as_ref(), grace, signal_init)
@@ -104,18 +130,53 @@ impl Syscall for LinuxSyscall {
 /// One recorded call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
-    CreateCgroup { parent: String, name: String, limits: Limits },
-    LocateCgroup { name: String },
-    SetIpv4root { ip: Ipv4Addr, allow_ipv6: bool },
-    AddAddress { dev: String, ip: Ipv4Addr, prefix: u8 },
-    DelAddress { dev: String, ip: Ipv4Addr, prefix: u8 },
-    PromoteSecondaries { dev: String },
-    Announce { dev: String, ip: Ipv4Addr },
-    SpawnContext { command: Vec<String>, hostname: Option<String>, caps: u64 },
-    ExecIn { init_pid: i32, command: Vec<String> },
-    Terminate { init_pid: Option<i32>, signal_init: bool },
+    CreateCgroup {
+        parent: String,
+        name: String,
+        limits: Limits,
+    },
+    LocateCgroup {
+        name: String,
+    },
+    SetIpv4root {
+        ip: Ipv4Addr,
+        allow_ipv6: bool,
+    },
+    AddAddress {
+        dev: String,
+        ip: Ipv4Addr,
+        prefix: u8,
+    },
+    DelAddress {
+        dev: String,
+        ip: Ipv4Addr,
+        prefix: u8,
+    },
+    PromoteSecondaries {
+        dev: String,
+    },
+    Announce {
+        dev: String,
+        ip: Ipv4Addr,
+    },
+    SpawnContext {
+        command: Vec<String>,
+        hostname: Option<String>,
+        caps: u64,
+    },
+    ExecIn {
+        init_pid: i32,
+        command: Vec<String>,
+    },
+    Terminate {
+        init_pid: Option<i32>,
+        signal_init: bool,
+    },
     RemoveCgroup,
-    RunHook { phase: Phase, name: String },
+    RunHook {
+        phase: Phase,
+        name: String,
+    },
 }
 
 /// Records calls instead of making them; `fail_on` makes the first call
@@ -176,7 +237,13 @@ impl Syscall for RecordingSyscall {
     fn set_ipv4root(&self, _cg: &ContextCgroup, ip: Ipv4Addr, allow_ipv6: bool) -> Result<()> {
         self.rec(Call::SetIpv4root { ip, allow_ipv6 })
     }
-    fn add_address(&self, dev: &str, ip: Ipv4Addr, prefix: u8, _b: Option<Ipv4Addr>) -> Result<AddrChange> {
+    fn add_address(
+        &self,
+        dev: &str,
+        ip: Ipv4Addr,
+        prefix: u8,
+        _b: Option<Ipv4Addr>,
+    ) -> Result<AddrChange> {
         self.rec(Call::AddAddress {
             dev: dev.into(),
             ip,
@@ -196,7 +263,10 @@ impl Syscall for RecordingSyscall {
         self.rec(Call::PromoteSecondaries { dev: dev.into() })
     }
     fn announce(&self, dev: &str, ip: Ipv4Addr) -> Result<()> {
-        self.rec(Call::Announce { dev: dev.into(), ip })
+        self.rec(Call::Announce {
+            dev: dev.into(),
+            ip,
+        })
     }
     fn spawn_context(&self, spec: &ContextSpec, _cg: &ContextCgroup) -> Result<Spawned> {
         self.rec(Call::SpawnContext {
@@ -219,8 +289,17 @@ impl Syscall for RecordingSyscall {
         })?;
         Ok(0)
     }
-    fn terminate(&self, _cg: &ContextCgroup, init_pid: Option<i32>, _g: Duration, signal_init: bool) -> Result<()> {
-        self.rec(Call::Terminate { init_pid, signal_init })
+    fn terminate(
+        &self,
+        _cg: &ContextCgroup,
+        init_pid: Option<i32>,
+        _g: Duration,
+        signal_init: bool,
+    ) -> Result<()> {
+        self.rec(Call::Terminate {
+            init_pid,
+            signal_init,
+        })
     }
     fn remove_cgroup(&self, _cg: &ContextCgroup) -> Result<()> {
         self.rec(Call::RemoveCgroup)

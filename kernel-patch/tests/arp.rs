@@ -9,7 +9,12 @@ use common::*;
 use vsha_kernel::net::{self, AddrChange};
 
 fn mac_of(ns: &Netns, dev: &str) -> String {
-    sh_ok(&format!("ip netns exec {} cat /sys/class/net/{dev}/address", ns.name)).trim().to_string()
+    sh_ok(&format!(
+        "ip netns exec {} cat /sys/class/net/{dev}/address",
+        ns.name
+    ))
+    .trim()
+    .to_string()
 }
 
 #[test]
@@ -22,17 +27,38 @@ fn alias_and_gratuitous_arp_update_the_peer_neighbour_entry() {
     pair.host.enter();
     let vip = pair.ip(5);
     // the peer knows the IP at an old MAC (as after a failover)
-    sh_ok(&format!("ip -n {} neigh replace {vip} lladdr 02:00:00:00:00:01 dev vb nud stale", pair.peer.name));
+    sh_ok(&format!(
+        "ip -n {} neigh replace {vip} lladdr 02:00:00:00:00:01 dev vb nud stale",
+        pair.peer.name
+    ));
 
     net::set_promote_secondaries("va").unwrap();
-    let ps = sh_ok(&format!("ip netns exec {} sysctl -n net.ipv4.conf.va.promote_secondaries", pair.host.name));
+    let ps = sh_ok(&format!(
+        "ip netns exec {} sysctl -n net.ipv4.conf.va.promote_secondaries",
+        pair.host.name
+    ));
     assert_eq!(ps.trim(), "1");
-    assert_eq!(net::add_address("va", vip, 24, None).unwrap(), AddrChange::Done);
-    assert_eq!(net::add_address("va", vip, 24, None).unwrap(), AddrChange::AlreadyThere, "EEXIST means ours");
+    assert_eq!(
+        net::add_address("va", vip, 24, None).unwrap(),
+        AddrChange::Done
+    );
+    assert_eq!(
+        net::add_address("va", vip, 24, None).unwrap(),
+        AddrChange::AlreadyThere,
+        "EEXIST means ours"
+    );
     let shown = sh_ok(&format!("ip -n {} -4 addr show dev va", pair.host.name));
-    assert!(shown.contains(&format!("inet {vip}/24")) && shown.contains("secondary"), "{shown}");
+    assert!(
+        shown.contains(&format!("inet {vip}/24")) && shown.contains("secondary"),
+        "{shown}"
+    );
     let listed = net::list_addresses().unwrap();
-    assert!(listed.iter().any(|a| a.addr == vip && a.prefix == 24 && a.secondary), "{listed:?}");
+    assert!(
+        listed
+            .iter()
+            .any(|a| a.addr == vip && a.prefix == 24 && a.secondary),
+        "{listed:?}"
+    );
 
     let mine = mac_of(&pair.host, "va");
     assert_eq!(net::hwaddr("va").unwrap().to_string(), mine);
@@ -44,10 +70,16 @@ fn alias_and_gratuitous_arp_update_the_peer_neighbour_entry() {
     assert!(!entry.contains("02:00:00:00:00:01"), "{entry}");
 
     assert_eq!(net::del_address("va", vip, 24).unwrap(), AddrChange::Done);
-    assert_eq!(net::del_address("va", vip, 24).unwrap(), AddrChange::AlreadyThere);
+    assert_eq!(
+        net::del_address("va", vip, 24).unwrap(),
+        AddrChange::AlreadyThere
+    );
     let shown = sh_ok(&format!("ip -n {} -4 addr show dev va", pair.host.name));
     assert!(!shown.contains(&format!("{vip}/")), "{shown}");
-    assert!(shown.contains(&format!("{}/24", pair.ip(1))), "primary untouched: {shown}");
+    assert!(
+        shown.contains(&format!("{}/24", pair.ip(1))),
+        "primary untouched: {shown}"
+    );
 }
 
 #[test]
@@ -59,7 +91,10 @@ fn arp_probe_detects_an_address_in_use() {
     let pair = Pair::new(&t);
     pair.host.enter();
     let holder = net::arp_probe("va", pair.ip(2), 3, Duration::from_secs(5)).unwrap();
-    assert_eq!(holder.map(|m| m.to_string()), Some(mac_of(&pair.peer, "vb")));
+    assert_eq!(
+        holder.map(|m| m.to_string()),
+        Some(mac_of(&pair.peer, "vb"))
+    );
     let free = net::arp_probe("va", pair.ip(99), 2, Duration::from_secs(1)).unwrap();
     assert_eq!(free, None);
 }

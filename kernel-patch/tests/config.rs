@@ -40,7 +40,12 @@ nproc = 1000
 
 #[test]
 fn legacy_conf_imports_to_the_same_spec_as_the_toml() {
-    let legacy = import_legacy(LEGACY, Path::new("/etc/vservers/web.conf"), Path::new("/vservers")).unwrap();
+    let legacy = import_legacy(
+        LEGACY,
+        Path::new("/etc/vservers/web.conf"),
+        Path::new("/vservers"),
+    )
+    .unwrap();
     let toml = VserverSpec::from_toml(TOML, Path::new("/etc/vsha/vservers/web.toml")).unwrap();
     assert_eq!(legacy, toml);
     // and the imported spec round-trips through TOML
@@ -60,21 +65,39 @@ fn legacy_mask_forms() {
     .unwrap();
     assert_eq!(s.ip.as_deref(), Some("10.1.2.3/26"));
     assert_eq!(s.dev.as_deref(), Some("eth0"));
-    let s = import_legacy("IPROOT=0.0.0.0\n", Path::new("/etc/vservers/b.conf"), Path::new("/vservers")).unwrap();
+    let s = import_legacy(
+        "IPROOT=0.0.0.0\n",
+        Path::new("/etc/vservers/b.conf"),
+        Path::new("/vservers"),
+    )
+    .unwrap();
     assert_eq!(s.ip, None);
-    let s = import_legacy("IPROOT=\"eth1:10.0.0.9/255.255.255.0\"\n", Path::new("/etc/vservers/c.conf"), Path::new("/v")).unwrap();
-    assert_eq!((s.ip.as_deref(), s.dev.as_deref()), (Some("10.0.0.9/24"), Some("eth1")));
+    let s = import_legacy(
+        "IPROOT=\"eth1:10.0.0.9/255.255.255.0\"\n",
+        Path::new("/etc/vservers/c.conf"),
+        Path::new("/v"),
+    )
+    .unwrap();
+    assert_eq!(
+        (s.ip.as_deref(), s.dev.as_deref()),
+        (Some("10.0.0.9/24"), Some("eth1"))
+    );
     assert_eq!(s.tree, Path::new("/v/c"));
 }
 
 fn err(text: &str) -> String {
-    VserverSpec::from_toml(text, Path::new("/etc/vsha/vservers/bad.toml")).unwrap_err().to_string()
+    VserverSpec::from_toml(text, Path::new("/etc/vsha/vservers/bad.toml"))
+        .unwrap_err()
+        .to_string()
 }
 
 #[test]
 fn bad_configs_name_file_field_and_reason() {
     let e = err("name = \"bad\"\ntree = \"/v\"\nip = \"10.0.0.300/24\"\n");
-    assert!(e.contains("bad.toml") && e.contains("`ip`") && e.contains("not an IPv4 address"), "{e}");
+    assert!(
+        e.contains("bad.toml") && e.contains("`ip`") && e.contains("not an IPv4 address"),
+        "{e}"
+    );
     let e = err("name = \"bad\"\ntree = \"relative\"\n");
     assert!(e.contains("`tree`") && e.contains("absolute"), "{e}");
     let e = err("name = \"bad\"\ntree = \"/v\"\ncaps = [\"CAP_FLY\"]\n");
@@ -91,8 +114,23 @@ fn bad_configs_name_file_field_and_reason() {
     assert!(e.contains("bad.toml") && e.contains("fly"), "{e}");
     let e = err("name = \"bad\"\ntree = \"/v\"\n[limits]\nnproc = 0\n");
     assert!(e.contains("limits.nproc"), "{e}");
-    let e = import_legacy("S_FLAGS=\"lock warp\"\n", Path::new("/etc/vservers/x.conf"), Path::new("/v")).unwrap_err().to_string();
-    assert!(e.contains("x.conf") && e.contains("S_FLAGS") && e.contains("warp"), "{e}");
-    let e = import_legacy("IPROOT=\"1.2.3.4 5.6.7.8\"\n", Path::new("/etc/vservers/x.conf"), Path::new("/v")).unwrap_err().to_string();
+    let e = import_legacy(
+        "S_FLAGS=\"lock warp\"\n",
+        Path::new("/etc/vservers/x.conf"),
+        Path::new("/v"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("x.conf") && e.contains("S_FLAGS") && e.contains("warp"),
+        "{e}"
+    );
+    let e = import_legacy(
+        "IPROOT=\"1.2.3.4 5.6.7.8\"\n",
+        Path::new("/etc/vservers/x.conf"),
+        Path::new("/v"),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("IPROOT") && e.contains("one per vserver"), "{e}");
 }

@@ -31,27 +31,69 @@ fn start_attaches_ipv4root_before_the_first_process_and_announces_after() {
     let st = start_with(&sys, &paths, &spec).unwrap();
     let calls = sys.calls();
     let vip = Ipv4Addr::new(10, 0, 0, 5);
-    let names: Vec<String> = calls.iter().map(|c| format!("{c:?}").split([' ', '{', '(']).next().unwrap().to_string()).collect();
+    let names: Vec<String> = calls
+        .iter()
+        .map(|c| {
+            format!("{c:?}")
+                .split([' ', '{', '('])
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
     assert_eq!(
         names,
-        ["RunHook", "CreateCgroup", "SetIpv4root", "PromoteSecondaries", "AddAddress", "SpawnContext", "Announce", "RunHook"],
+        [
+            "RunHook",
+            "CreateCgroup",
+            "SetIpv4root",
+            "PromoteSecondaries",
+            "AddAddress",
+            "SpawnContext",
+            "Announce",
+            "RunHook"
+        ],
         "{calls:?}"
     );
-    assert!(calls.contains(&Call::SetIpv4root { ip: vip, allow_ipv6: false }));
+    assert!(calls.contains(&Call::SetIpv4root {
+        ip: vip,
+        allow_ipv6: false
+    }));
     assert!(matches!(&calls[1], Call::CreateCgroup { limits, .. } if limits.nproc == Some(100)));
-    assert!(matches!(&calls[5], Call::SpawnContext { hostname: Some(h), caps, .. } if h == "web" && *caps == vsha_kernel::capabilities::CapMask::secure().0));
-    assert_eq!(calls[0], Call::RunHook { phase: Phase::PreStart, name: "web".into() });
+    assert!(
+        matches!(&calls[5], Call::SpawnContext { hostname: Some(h), caps, .. } if h == "web" && *caps == vsha_kernel::capabilities::CapMask::secure().0)
+    );
+    assert_eq!(
+        calls[0],
+        Call::RunHook {
+            phase: Phase::PreStart,
+            name: "web".into()
+        }
+    );
 
     let sys2 = RecordingSyscall::new();
     stop_with(&sys2, &paths, &spec, &st).unwrap();
     assert_eq!(
         sys2.calls(),
         vec![
-            Call::RunHook { phase: Phase::PreStop, name: "web".into() },
-            Call::Terminate { init_pid: Some(st.init_pid), signal_init: true },
-            Call::DelAddress { dev: "eth0".into(), ip: vip, prefix: 24 },
+            Call::RunHook {
+                phase: Phase::PreStop,
+                name: "web".into()
+            },
+            Call::Terminate {
+                init_pid: Some(st.init_pid),
+                signal_init: true
+            },
+            Call::DelAddress {
+                dev: "eth0".into(),
+                ip: vip,
+                prefix: 24
+            },
             Call::RemoveCgroup,
-            Call::RunHook { phase: Phase::PostStop, name: "web".into() },
+            Call::RunHook {
+                phase: Phase::PostStop,
+                name: "web".into()
+            },
         ]
     );
 }
@@ -64,15 +106,35 @@ fn stop_command_replaces_the_signal() {
     let sys = RecordingSyscall::new();
     stop_with(&sys, &paths, &spec, &st).unwrap();
     let c = sys.calls();
-    assert_eq!(c[1], Call::ExecIn { init_pid: st.init_pid, command: vec!["/sbin/halt".into()] });
-    assert_eq!(c[2], Call::Terminate { init_pid: Some(st.init_pid), signal_init: false });
+    assert_eq!(
+        c[1],
+        Call::ExecIn {
+            init_pid: st.init_pid,
+            command: vec!["/sbin/halt".into()]
+        }
+    );
+    assert_eq!(
+        c[2],
+        Call::Terminate {
+            init_pid: Some(st.init_pid),
+            signal_init: false
+        }
+    );
 }
 
 #[test]
 fn failing_pre_start_touches_nothing() {
     let (_d, paths, spec) = setup();
     let sys = RecordingSyscall {
-        fail_on: Some(Box::new(|c| matches!(c, Call::RunHook { phase: Phase::PreStart, .. }))),
+        fail_on: Some(Box::new(|c| {
+            matches!(
+                c,
+                Call::RunHook {
+                    phase: Phase::PreStart,
+                    ..
+                }
+            )
+        })),
         ..Default::default()
     };
     assert!(start_with(&sys, &paths, &spec).is_err());
@@ -89,7 +151,10 @@ fn failed_spawn_undoes_address_and_cgroup() {
     let e = start_with(&sys, &paths, &spec).unwrap_err();
     assert!(e.to_string().contains("SpawnContext"), "{e}");
     let c = sys.calls();
-    let tail: Vec<&Call> = c.iter().skip_while(|c| !matches!(c, Call::SpawnContext { .. })).collect();
+    let tail: Vec<&Call> = c
+        .iter()
+        .skip_while(|c| !matches!(c, Call::SpawnContext { .. }))
+        .collect();
     assert!(matches!(tail[1], Call::DelAddress { .. }), "{c:?}");
     assert!(c.contains(&Call::RemoveCgroup), "{c:?}");
 }
@@ -101,5 +166,8 @@ fn no_ip_means_no_bpf_and_no_alias() {
     spec.dev = None;
     let sys = RecordingSyscall::new();
     start_with(&sys, &paths, &spec).unwrap();
-    assert!(!sys.calls().iter().any(|c| matches!(c, Call::SetIpv4root { .. } | Call::AddAddress { .. } | Call::Announce { .. })));
+    assert!(!sys.calls().iter().any(|c| matches!(
+        c,
+        Call::SetIpv4root { .. } | Call::AddAddress { .. } | Call::Announce { .. }
+    )));
 }

@@ -19,7 +19,9 @@ use vsha_kernel::syscall::LinuxSyscall;
 /// the probes listed in VSHA_PROBE and prints `PROBE name result` lines.
 #[test]
 fn probe_helper() {
-    let Ok(what) = std::env::var("VSHA_PROBE") else { return };
+    let Ok(what) = std::env::var("VSHA_PROBE") else {
+        return;
+    };
     let arg = |k: &str| std::env::var(k).unwrap_or_default();
     for w in what.split(',') {
         let r = match w {
@@ -43,7 +45,10 @@ fn probe_helper() {
                 Ok(l) => format!("ok {}", l.local_addr().unwrap()),
                 Err(e) => format!("err {}", e.raw_os_error().unwrap_or(0)),
             },
-            "connect" => match std::net::TcpStream::connect_timeout(&arg("PEER").parse().unwrap(), Duration::from_secs(20)) {
+            "connect" => match std::net::TcpStream::connect_timeout(
+                &arg("PEER").parse().unwrap(),
+                Duration::from_secs(20),
+            ) {
                 Ok(s) => format!("ok {}", s.local_addr().unwrap()),
                 Err(e) => format!("err {}", e.raw_os_error().unwrap_or(0)),
             },
@@ -56,8 +61,13 @@ fn probe_helper() {
                 Err(e) => format!("err {}", e.raw_os_error().unwrap_or(0)),
             },
             "caps" => {
-                let c = vsha_kernel::capabilities::parse_status(&std::fs::read_to_string("/proc/self/status").unwrap());
-                format!("eff={:x} bnd={:x} amb={:x} nnp={}", c.eff, c.bnd, c.amb, c.no_new_privs)
+                let c = vsha_kernel::capabilities::parse_status(
+                    &std::fs::read_to_string("/proc/self/status").unwrap(),
+                );
+                format!(
+                    "eff={:x} bnd={:x} amb={:x} nnp={}",
+                    c.eff, c.bnd, c.amb, c.no_new_privs
+                )
             }
             _ => "unknown".to_string(),
         };
@@ -80,19 +90,48 @@ fn install_probe(tree: &Path) {
     }
 }
 
-fn probes(paths: &local::Paths, name: &str, list: &str, extra: &[(&str, String)]) -> std::collections::HashMap<String, String> {
+fn probes(
+    paths: &local::Paths,
+    name: &str,
+    list: &str,
+    extra: &[(&str, String)],
+) -> std::collections::HashMap<String, String> {
     let log = paths.run_dir.join(format!("probe-{list}.out"));
     let mut env = vec![format!("VSHA_PROBE={list}")];
     for (k, v) in extra {
         env.push(format!("{k}={v}"));
     }
-    let cmd: Vec<String> = ["/probe", "--exact", "probe_helper", "--nocapture", "--test-threads", "1", "-q"].iter().map(|s| s.to_string()).collect();
-    let code = local::exec(paths, name, &cmd, &ExecOptions { stdio: Stdio::Log(log.clone()), env, ..Default::default() }).unwrap();
+    let cmd: Vec<String> = [
+        "/probe",
+        "--exact",
+        "probe_helper",
+        "--nocapture",
+        "--test-threads",
+        "1",
+        "-q",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let code = local::exec(
+        paths,
+        name,
+        &cmd,
+        &ExecOptions {
+            stdio: Stdio::Log(log.clone()),
+            env,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let out = std::fs::read_to_string(&log).unwrap();
     assert_eq!(code, 0, "probe run failed: {out}");
     out.lines()
         .filter_map(|l| l.strip_prefix("PROBE "))
-        .filter_map(|l| l.split_once(' ').map(|(a, b)| (a.to_string(), b.to_string())))
+        .filter_map(|l| {
+            l.split_once(' ')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        })
         .collect()
 }
 
@@ -100,7 +139,16 @@ fn probes(paths: &local::Paths, name: &str, list: &str, extra: &[(&str, String)]
 fn vsh(paths: &local::Paths, name: &str, script: &str) -> (i32, String) {
     let log = paths.run_dir.join(format!("sh-{}.out", tag()));
     let cmd = vec!["/bin/sh".to_string(), "-c".to_string(), script.to_string()];
-    let code = local::exec(paths, name, &cmd, &ExecOptions { stdio: Stdio::Log(log.clone()), ..Default::default() }).unwrap();
+    let code = local::exec(
+        paths,
+        name,
+        &cmd,
+        &ExecOptions {
+            stdio: Stdio::Log(log.clone()),
+            ..Default::default()
+        },
+    )
+    .unwrap();
     (code, std::fs::read_to_string(&log).unwrap_or_default())
 }
 
@@ -112,7 +160,11 @@ fn sys(garp: u32) -> LinuxSyscall {
 }
 
 fn write_spec(env: &Env, spec: &VserverSpec) {
-    std::fs::write(env.paths.config_dir.join(format!("{}.toml", spec.name)), spec.to_toml().unwrap()).unwrap();
+    std::fs::write(
+        env.paths.config_dir.join(format!("{}.toml", spec.name)),
+        spec.to_toml().unwrap(),
+    )
+    .unwrap();
 }
 
 fn start(env: &Env, spec: &VserverSpec, garp: u32) -> RunState {
@@ -142,7 +194,10 @@ fn vserver_isolation_ipv4root_and_caps() {
     // a setuid-root copy of busybox for the regain test
     std::fs::create_dir_all(tree.join("suid")).unwrap();
     std::fs::copy(tree.join("bin/busybox"), tree.join("suid/busybox")).unwrap();
-    sh_ok(&format!("chmod 4755 {}", tree.join("suid/busybox").display()));
+    sh_ok(&format!(
+        "chmod 4755 {}",
+        tree.join("suid/busybox").display()
+    ));
     let vip = pair.ip(5);
     let mut spec = VserverSpec::new(&name, &tree);
     spec.ip = Some(format!("{vip}/24"));
@@ -157,15 +212,29 @@ fn vserver_isolation_ipv4root_and_caps() {
     assert!(addrs.contains(&format!("{vip}/24")), "{addrs}");
 
     // host processes are invisible; the init is pid 1; hostname
-    let (code, out) = vsh(&env.paths, &name, "hostname; ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '");
+    let (code, out) = vsh(
+        &env.paths,
+        &name,
+        "hostname; ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '",
+    );
     assert_eq!(code, 0, "{out}");
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines[0], "isolated");
     let nprocs: usize = lines[1].trim().parse().unwrap();
-    assert!(nprocs <= 6, "only the context's processes are visible, saw {nprocs}: {out}");
-    assert!(lines[2].contains("trap"), "pid 1 is the vserver init: {out}");
+    assert!(
+        nprocs <= 6,
+        "only the context's processes are visible, saw {nprocs}: {out}"
+    );
+    assert!(
+        lines[2].contains("trap"),
+        "pid 1 is the vserver init: {out}"
+    );
     let host_pid = std::process::id();
-    let (_, seen) = vsh(&env.paths, &name, &format!("test -e /proc/{host_pid}/status && echo visible || echo invisible"));
+    let (_, seen) = vsh(
+        &env.paths,
+        &name,
+        &format!("test -e /proc/{host_pid}/status && echo visible || echo invisible"),
+    );
     // (a low host pid could collide with a context pid; ours is large)
     assert!(host_pid < 10 || seen.contains("invisible"), "{seen}");
 
@@ -193,7 +262,10 @@ fn vserver_isolation_ipv4root_and_caps() {
         &env.paths,
         &name,
         "bind_any,udp_bind_any,bind_other,bind_lo,bind6,connect,bpf,raw,caps",
-        &[("OTHER", pair.ip(1).to_string()), ("PEER", format!("{}:9000", pair.ip(2)))],
+        &[
+            ("OTHER", pair.ip(1).to_string()),
+            ("PEER", format!("{}:9000", pair.ip(2))),
+        ],
     );
     assert_eq!(r["bind_any"], format!("ok {vip}:8080"), "{r:?}");
     assert_eq!(r["udp_bind_any"], format!("ok {vip}:5353"), "{r:?}");
@@ -204,10 +276,18 @@ fn vserver_isolation_ipv4root_and_caps() {
     assert_eq!(r["bpf"], format!("err {}", libc::EPERM), "{r:?}");
     assert_eq!(r["raw"], format!("err {}", libc::EPERM), "{r:?}");
     let ceiling = vsha_kernel::capabilities::CapMask::secure().0;
-    assert_eq!(r["caps"], format!("eff={ceiling:x} bnd={ceiling:x} amb=0 nnp=true"), "{r:?}");
+    assert_eq!(
+        r["caps"],
+        format!("eff={ceiling:x} bnd={ceiling:x} amb=0 nnp=true"),
+        "{r:?}"
+    );
 
     // unbound UDP send (busybox tftp sends with sendto on an unbound socket)
-    let _ = vsh(&env.paths, &name, &format!("timeout 5 tftp -g -r x -l /tmp/x {} 9001", pair.ip(2)));
+    let _ = vsh(
+        &env.paths,
+        &name,
+        &format!("timeout 5 tftp -g -r x -l /tmp/x {} 9001", pair.ip(2)),
+    );
 
     // privileged operations fail
     let (c, o) = vsh(&env.paths, &name, "mount -t tmpfs none /tmp");
@@ -232,26 +312,45 @@ fn vserver_isolation_ipv4root_and_caps() {
     let code = local::exec(
         &env.paths,
         &name,
-        &["/suid/busybox".into(), "sh".into(), "-c".into(), "grep -E 'Cap(Eff|Bnd)|^Uid' /proc/self/status; /suid/busybox hostname evil2".into()],
-        &ExecOptions { user: Some((65534, 65534)), stdio: Stdio::Log(log.clone()), ..Default::default() },
+        &[
+            "/suid/busybox".into(),
+            "sh".into(),
+            "-c".into(),
+            "grep -E 'Cap(Eff|Bnd)|^Uid' /proc/self/status; /suid/busybox hostname evil2".into(),
+        ],
+        &ExecOptions {
+            user: Some((65534, 65534)),
+            stdio: Stdio::Log(log.clone()),
+            ..Default::default()
+        },
     )
     .unwrap();
     let o = std::fs::read_to_string(&log).unwrap();
-    assert_ne!(code, 0, "hostname through a setuid-root binary must fail: {o}");
+    assert_ne!(
+        code, 0,
+        "hostname through a setuid-root binary must fail: {o}"
+    );
     assert!(o.contains("CapEff:\t0000000000000000"), "{o}");
     assert!(o.contains(&format!("CapBnd:\t{ceiling:016x}")), "{o}");
 
     // the peer saw the vserver IP as source, TCP and unbound UDP
     let (tcp_from, udp_from) = peer_thread.join().unwrap();
     assert_eq!(tcp_from, vip, "TCP source");
-    assert_eq!(udp_from, Some(std::net::IpAddr::V4(vip)), "unbound UDP source");
+    assert_eq!(
+        udp_from,
+        Some(std::net::IpAddr::V4(vip)),
+        "unbound UDP source"
+    );
 
     // stop: nothing left
     local::stop_with(&sys(1), &env.paths, &spec, &st).unwrap();
     assert!(!st.cgroup.v2.exists(), "cgroup removed");
     assert!(no_process_in(&env));
     let addrs = sh_ok(&format!("ip -n {} -4 addr show dev va", pair.host.name));
-    assert!(!addrs.contains(&format!("{vip}/24")), "alias removed: {addrs}");
+    assert!(
+        !addrs.contains(&format!("{vip}/24")),
+        "alias removed: {addrs}"
+    );
 }
 
 #[test]
@@ -281,7 +380,11 @@ fn pids_limit_stops_a_fork_bomb_and_stop_leaves_nothing() {
     assert_eq!(std::fs::read_to_string(&pids_max).unwrap().trim(), "20");
 
     // a double-forked daemon that must not survive stop
-    let (c, o) = vsh(&env.paths, &name, "(setsid sleep 1000 > /dev/null 2>&1 &) ; echo started");
+    let (c, o) = vsh(
+        &env.paths,
+        &name,
+        "(setsid sleep 1000 > /dev/null 2>&1 &) ; echo started",
+    );
     assert_eq!(c, 0, "{o}");
     let daemon = wait_for("the daemon", 30, || {
         vsha_kernel::proc::all(Path::new("/proc"))
@@ -299,20 +402,39 @@ fn pids_limit_stops_a_fork_bomb_and_stop_leaves_nothing() {
     let s = local::status(&env.paths, &name).unwrap();
     assert!(s.running && s.processes >= 3, "{s:?}");
     let rows = local::list(&env.paths).unwrap();
-    assert!(rows.iter().any(|r| r.name == name && r.processes >= 3), "{rows:?}");
+    assert!(
+        rows.iter().any(|r| r.name == name && r.processes >= 3),
+        "{rows:?}"
+    );
     let ps = local::ps(&env.paths, true).unwrap();
-    assert!(ps.iter().any(|r| r.vserver == name && r.pid == daemon.pid), "ps maps the daemon to its vserver");
+    assert!(
+        ps.iter().any(|r| r.vserver == name && r.pid == daemon.pid),
+        "ps maps the daemon to its vserver"
+    );
 
     // fork bomb (last: afterwards not even enter can fork): a loop of background sleeps; the limit stops it
-    let (_, o) = vsh(&env.paths, &name, "i=0; while [ $i -lt 60 ]; do sleep 300 & i=$((i+1)); done; echo looped");
-    assert!(o.contains("can't fork") || o.contains("Resource temporarily unavailable"), "fork must fail: {o}");
+    let (_, o) = vsh(
+        &env.paths,
+        &name,
+        "i=0; while [ $i -lt 60 ]; do sleep 300 & i=$((i+1)); done; echo looped",
+    );
+    assert!(
+        o.contains("can't fork") || o.contains("Resource temporarily unavailable"),
+        "fork must fail: {o}"
+    );
     let n = st.cgroup.procs().unwrap().len();
     assert!(n <= 20, "{n} processes despite pids.max 20");
 
     local::stop_with(&sys(1), &env.paths, &spec, &st).unwrap();
     assert!(!st.cgroup.v2.exists(), "v2 cgroup removed");
-    assert!(st.cgroup.v1.values().all(|d| !d.exists()), "v1 cgroups removed");
-    assert!(!Path::new(&format!("/proc/{}", daemon.pid)).exists(), "daemon killed");
+    assert!(
+        st.cgroup.v1.values().all(|d| !d.exists()),
+        "v1 cgroups removed"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{}", daemon.pid)).exists(),
+        "daemon killed"
+    );
     assert!(no_process_in(&env), "nothing survives stop");
     assert!(!local::running(&env.paths, &name).unwrap());
 }
@@ -333,19 +455,32 @@ fn hooks_run_in_order_and_failing_pre_start_aborts() {
     spec.start = idle_init();
     let record = env.dir.path().join("hook.log");
     let hook = vsha_kernel::hooks::script_path(&env.paths.config_dir, &name);
-    std::fs::write(&hook, format!("#!/bin/sh\necho \"$1 $2\" >> {}\n", record.display())).unwrap();
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\necho \"$1 $2\" >> {}\n", record.display()),
+    )
+    .unwrap();
     sh_ok(&format!("chmod 755 {}", hook.display()));
     let st = start(&env, &spec, 1);
     local::stop_with(&sys(1), &env.paths, &spec, &st).unwrap();
     let got = std::fs::read_to_string(&record).unwrap();
-    assert_eq!(got, format!("pre-start {name}\npost-start {name}\npre-stop {name}\npost-stop {name}\n"));
+    assert_eq!(
+        got,
+        format!("pre-start {name}\npost-start {name}\npre-stop {name}\npost-stop {name}\n")
+    );
 
     // a failing pre-start aborts the start and shows the script's output
     std::fs::write(&hook, "#!/bin/sh\necho \"no mounts for $2\"\nexit 3\n").unwrap();
     let e = local::start_with(&sys(1), &env.paths, &spec).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("pre-start") && msg.contains(&format!("no mounts for {name}")), "{msg}");
-    assert!(!env.v2_parent().join(&name).exists(), "no cgroup after an aborted start");
+    assert!(
+        msg.contains("pre-start") && msg.contains(&format!("no mounts for {name}")),
+        "{msg}"
+    );
+    assert!(
+        !env.v2_parent().join(&name).exists(),
+        "no cgroup after an aborted start"
+    );
     assert!(!local::running(&env.paths, &name).unwrap());
 }
 
@@ -358,12 +493,22 @@ fn ipv4root_programs_are_attached_before_the_first_process() {
     let env = Env::new(&t);
     let s = sys(1);
     use vsha_kernel::syscall::Syscall;
-    let cg = s.create_cgroup(&env.paths.cgroup_parent, "bpfq", &Default::default()).unwrap();
-    s.set_ipv4root(&cg, std::net::Ipv4Addr::new(10, 77, 1, 200), false).unwrap();
+    let cg = s
+        .create_cgroup(&env.paths.cgroup_parent, "bpfq", &Default::default())
+        .unwrap();
+    s.set_ipv4root(&cg, std::net::Ipv4Addr::new(10, 77, 1, 200), false)
+        .unwrap();
     let fd = cg.open_v2().unwrap();
     use std::os::fd::AsRawFd;
     use vsha_kernel::bpf::{query_count, AttachType::*};
-    for at in [Inet4Bind, Inet4Connect, Udp4Sendmsg, Inet6Bind, Inet6Connect, Udp6Sendmsg] {
+    for at in [
+        Inet4Bind,
+        Inet4Connect,
+        Udp4Sendmsg,
+        Inet6Bind,
+        Inet6Connect,
+        Udp6Sendmsg,
+    ] {
         assert_eq!(query_count(fd.as_raw_fd(), at).unwrap(), 1, "{at:?}");
     }
     assert!(cg.procs().unwrap().is_empty());
@@ -403,9 +548,18 @@ fn ctx_exec_isolates_without_a_tree() {
     assert_eq!(l[0], "ctxhost");
     let n: usize = l[1].trim().parse().unwrap();
     assert!(n <= 4, "own /proc shows only the context: {o}");
-    assert!(l[2].ends_with(&format!("{:016x}", vsha_kernel::capabilities::CapMask::secure().0)), "{o}");
+    assert!(
+        l[2].ends_with(&format!(
+            "{:016x}",
+            vsha_kernel::capabilities::CapMask::secure().0
+        )),
+        "{o}"
+    );
     assert!(!o.contains("CHANGED"));
     // the throw-away context's cgroup is gone
-    let left: Vec<_> = std::fs::read_dir(env.v2_parent()).map(|r| r.flatten().filter(|e| e.path().is_dir()).count()).into_iter().collect();
+    let left: Vec<_> = std::fs::read_dir(env.v2_parent())
+        .map(|r| r.flatten().filter(|e| e.path().is_dir()).count())
+        .into_iter()
+        .collect();
     assert!(left.iter().all(|n| *n == 0), "{left:?}");
 }

@@ -12,7 +12,10 @@ use vsha_kernel::local::{BuildOptions, Paths};
 
 pub fn is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
-        .map(|s| s.lines().any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0")))
+        .map(|s| {
+            s.lines()
+                .any(|l| l.starts_with("Uid:") && l.split_whitespace().nth(1) == Some("0"))
+        })
         .unwrap_or(false)
 }
 
@@ -30,11 +33,19 @@ static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A unique short tag for this process and call: "<pid>x<n>".
 pub fn tag() -> String {
-    format!("{}x{}", std::process::id(), SEQ.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{}x{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 pub fn sh(cmd: &str) -> (bool, String) {
-    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("run sh");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .output()
+        .expect("run sh");
     let mut s = String::from_utf8_lossy(&out.stdout).into_owned();
     s.push_str(&String::from_utf8_lossy(&out.stderr));
     (out.status.success(), s)
@@ -54,7 +65,9 @@ pub struct Netns {
 impl Netns {
     pub fn new(name: &str) -> Netns {
         sh_ok(&format!("ip netns add {name}"));
-        let ns = Netns { name: name.to_string() };
+        let ns = Netns {
+            name: name.to_string(),
+        };
         sh_ok(&format!("ip -n {name} link set lo up"));
         ns
     }
@@ -89,9 +102,18 @@ impl Pair {
         let net = (NET.fetch_add(1, Ordering::SeqCst) % 200 + 20) as u8;
         let host = Netns::new(&format!("vsh{t}a"));
         let peer = Netns::new(&format!("vsh{t}b"));
-        sh_ok(&format!("ip -n {} link add va type veth peer name vb netns {}", host.name, peer.name));
-        sh_ok(&format!("ip -n {} addr add 10.77.{net}.1/24 dev va && ip -n {} link set va up", host.name, host.name));
-        sh_ok(&format!("ip -n {} addr add 10.77.{net}.2/24 dev vb && ip -n {} link set vb up", peer.name, peer.name));
+        sh_ok(&format!(
+            "ip -n {} link add va type veth peer name vb netns {}",
+            host.name, peer.name
+        ));
+        sh_ok(&format!(
+            "ip -n {} addr add 10.77.{net}.1/24 dev va && ip -n {} link set va up",
+            host.name, host.name
+        ));
+        sh_ok(&format!(
+            "ip -n {} addr add 10.77.{net}.2/24 dev vb && ip -n {} link set vb up",
+            peer.name, peer.name
+        ));
         Pair { host, peer, net }
     }
     pub fn ip(&self, last: u8) -> std::net::Ipv4Addr {
@@ -109,7 +131,10 @@ pub struct Env {
 
 impl Env {
     pub fn new(t: &str) -> Env {
-        let dir = tempfile::Builder::new().prefix(&format!("vsha-kt-{t}-")).tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("vsha-kt-{t}-"))
+            .tempdir()
+            .expect("tempdir");
         let paths = Paths {
             config_dir: dir.path().join("etc"),
             run_dir: dir.path().join("run"),
