@@ -75,8 +75,11 @@ fn attrs(a: &Entry, b: &Entry, out: &mut Vec<Difference>) {
 /// to the nanosecond, sizes, content hashes, symlink targets, device numbers,
 /// xattrs, hardlink groups). Empty: the trees are equal.
 pub fn verify(a: &Path, b: &Path) -> Result<Vec<Difference>> {
-    let (ia, _) = scan(a, None)?;
-    let (ib, _) = scan(b, None)?;
+    // A tree root may be given as a symlink (DIR/NAME of a receiver).
+    let a = std::fs::canonicalize(a).map_err(|e| crate::error::SyncError::Io { op: "resolve", path: a.into(), source: e })?;
+    let b = std::fs::canonicalize(b).map_err(|e| crate::error::SyncError::Io { op: "resolve", path: b.into(), source: e })?;
+    let (ia, _) = scan(&a, None)?;
+    let (ib, _) = scan(&b, None)?;
     let mut out = Vec::new();
     let (mut i, mut j) = (0, 0);
     while i < ia.entries.len() || j < ib.entries.len() {
