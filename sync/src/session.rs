@@ -48,6 +48,16 @@ impl Peer {
     }
 }
 
+struct AbortOnDrop(Vec<tokio::task::AbortHandle>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        for h in &self.0 {
+            h.abort();
+        }
+    }
+}
+
 /// Run `f` on a blocking thread, connected to the frames of `stream`.
 pub async fn run_blocking<S, T, F>(stream: S, f: F) -> Result<(T, Arc<Counters>)>
 where
@@ -102,6 +112,9 @@ where
         let _ = w.shutdown().await;
         res
     });
+    // If this future is dropped (the round is cancelled), stop both tasks so
+    // the blocking side sees the stream end and rolls back.
+    let _guard = AbortOnDrop(vec![reader.abort_handle(), writer.abort_handle()]);
     let mut peer = Peer {
         rx: in_rx,
         tx: Some(out_tx),
