@@ -185,7 +185,10 @@ pub fn diff<R: Read, E: FnMut(Op) -> std::io::Result<()>>(
             if pos + b < buf.len() {
                 let inn = buf[pos + b] as u32;
                 a = a.wrapping_sub(out).wrapping_add(inn) & 0xffff;
-                bb = bb.wrapping_sub((b as u32).wrapping_mul(out)).wrapping_add(a) & 0xffff;
+                bb = bb
+                    .wrapping_sub((b as u32).wrapping_mul(out))
+                    .wrapping_add(a)
+                    & 0xffff;
             } else {
                 have_weak = false;
             }
@@ -203,7 +206,9 @@ pub fn diff<R: Read, E: FnMut(Op) -> std::io::Result<()>>(
     let from_pos = &buf[pos..];
     if tail_len > 0
         && from_pos.len() == tail_len
-        && sums.get(tail_idx as usize).is_some_and(|(w, s)| *w == weak(from_pos) && *s == strong(from_pos))
+        && sums
+            .get(tail_idx as usize)
+            .is_some_and(|(w, s)| *w == weak(from_pos) && *s == strong(from_pos))
     {
         if lit < pos {
             flush_copy(&mut pending, &mut emit)?;
@@ -274,7 +279,10 @@ mod tests {
             let out = d[p] as u32;
             let inn = d[p + b] as u32;
             a = a.wrapping_sub(out).wrapping_add(inn) & 0xffff;
-            bb = bb.wrapping_sub((b as u32).wrapping_mul(out)).wrapping_add(a) & 0xffff;
+            bb = bb
+                .wrapping_sub((b as u32).wrapping_mul(out))
+                .wrapping_add(a)
+                & 0xffff;
             assert_eq!(a | (bb << 16), weak(&d[p + 1..p + 1 + b]));
         }
     }

@@ -315,7 +315,10 @@ impl<'a> Reader<'a> {
         if self.buf.is_empty() {
             Ok(())
         } else {
-            Err(malformed(what, format!("{} trailing bytes", self.buf.len())))
+            Err(malformed(
+                what,
+                format!("{} trailing bytes", self.buf.len()),
+            ))
         }
     }
 }
@@ -394,14 +397,35 @@ mod tests {
 
     #[test]
     fn order_puts_dir_before_contents() {
-        let mut v = [b"a.b".to_vec(), b"a/z".to_vec(), b"a".to_vec(), b"".to_vec()];
+        let mut v = [
+            b"a.b".to_vec(),
+            b"a/z".to_vec(),
+            b"a".to_vec(),
+            b"".to_vec(),
+        ];
         v.sort_by(|a, b| key_cmp(a, b));
-        assert_eq!(v, [b"".to_vec(), b"a".to_vec(), b"a/z".to_vec(), b"a.b".to_vec()]);
+        assert_eq!(
+            v,
+            [
+                b"".to_vec(),
+                b"a".to_vec(),
+                b"a/z".to_vec(),
+                b"a.b".to_vec()
+            ]
+        );
     }
 
     #[test]
     fn path_checks() {
-        for bad in [&b"/etc/x"[..], b"../x", b"a/../x", b"a//b", b"a/", b"a\0b", b"./a"] {
+        for bad in [
+            &b"/etc/x"[..],
+            b"../x",
+            b"a/../x",
+            b"a//b",
+            b"a/",
+            b"a\0b",
+            b"./a",
+        ] {
             assert!(check_path(bad).is_err(), "{bad:?}");
         }
         for good in [&b""[..], b"a", b"a/b.c/d", b"..a", b"a.."] {

@@ -56,7 +56,9 @@ pub enum SyncError {
     #[error("refused: protocol violation: {0}")]
     Protocol(String),
     /// Content did not hash to what the sender declared.
-    #[error("refused: content of {path:?} does not match its declared blake3 hash (corrupt stream?)")]
+    #[error(
+        "refused: content of {path:?} does not match its declared blake3 hash (corrupt stream?)"
+    )]
     HashMismatch {
         /// The file whose content was corrupt.
         path: String,
@@ -76,7 +78,9 @@ pub enum SyncError {
     #[error("refused: a round for {0:?} is already in progress")]
     Busy(String),
     /// The tree name is not acceptable.
-    #[error("refused name {0:?}: names are 1-64 characters of [A-Za-z0-9._-] not starting with '.'")]
+    #[error(
+        "refused name {0:?}: names are 1-64 characters of [A-Za-z0-9._-] not starting with '.'"
+    )]
     BadName(String),
     /// Freezing the cgroup failed or would exceed the configured maximum.
     #[error("freeze: {0}")]

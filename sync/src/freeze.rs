@@ -30,7 +30,8 @@ pub struct Frozen {
 }
 
 fn write(p: &Path, v: &str) -> Result<()> {
-    std::fs::write(p, v).map_err(|e| SyncError::Freeze(format!("write {v:?} to {}: {e}", p.display())))
+    std::fs::write(p, v)
+        .map_err(|e| SyncError::Freeze(format!("write {v:?} to {}: {e}", p.display())))
 }
 
 /// Freeze `cgroup`, waiting (at most `max`) until every task is frozen.
@@ -38,10 +39,18 @@ pub fn freeze(cgroup: &Path, max: Duration) -> Result<Frozen> {
     let v2 = cgroup.join("cgroup.freeze").exists();
     let v1 = cgroup.join("freezer.state").exists();
     if !v2 && !v1 {
-        return Err(SyncError::Freeze(format!("{} is neither a cgroup v2 directory nor a v1 freezer", cgroup.display())));
+        return Err(SyncError::Freeze(format!(
+            "{} is neither a cgroup v2 directory nor a v1 freezer",
+            cgroup.display()
+        )));
     }
     let start = Instant::now();
-    let mut f = Frozen { cgroup: cgroup.to_path_buf(), v2, since: start, thawed: false };
+    let mut f = Frozen {
+        cgroup: cgroup.to_path_buf(),
+        v2,
+        since: start,
+        thawed: false,
+    };
     if v2 {
         write(&cgroup.join("cgroup.freeze"), "1")?;
     } else {
@@ -49,9 +58,13 @@ pub fn freeze(cgroup: &Path, max: Duration) -> Result<Frozen> {
     }
     loop {
         let done = if v2 {
-            std::fs::read_to_string(cgroup.join("cgroup.events")).map(|s| s.lines().any(|l| l.trim() == "frozen 1")).unwrap_or(false)
+            std::fs::read_to_string(cgroup.join("cgroup.events"))
+                .map(|s| s.lines().any(|l| l.trim() == "frozen 1"))
+                .unwrap_or(false)
         } else {
-            std::fs::read_to_string(cgroup.join("freezer.state")).map(|s| s.trim() == "FROZEN").unwrap_or(false)
+            std::fs::read_to_string(cgroup.join("freezer.state"))
+                .map(|s| s.trim() == "FROZEN")
+                .unwrap_or(false)
         };
         if done {
             tracing::debug!(cgroup = %cgroup.display(), took = ?start.elapsed(), "frozen");
@@ -59,7 +72,10 @@ pub fn freeze(cgroup: &Path, max: Duration) -> Result<Frozen> {
         }
         if start.elapsed() > max {
             f.thaw()?;
-            return Err(SyncError::Freeze(format!("{} did not freeze within {max:?}; thawed", cgroup.display())));
+            return Err(SyncError::Freeze(format!(
+                "{} did not freeze within {max:?}; thawed",
+                cgroup.display()
+            )));
         }
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -68,9 +84,13 @@ pub fn freeze(cgroup: &Path, max: Duration) -> Result<Frozen> {
 /// Whether a cgroup is frozen now.
 pub fn is_frozen(cgroup: &Path) -> bool {
     if cgroup.join("cgroup.events").exists() {
-        std::fs::read_to_string(cgroup.join("cgroup.events")).map(|s| s.lines().any(|l| l.trim() == "frozen 1")).unwrap_or(false)
+        std::fs::read_to_string(cgroup.join("cgroup.events"))
+            .map(|s| s.lines().any(|l| l.trim() == "frozen 1"))
+            .unwrap_or(false)
     } else {
-        std::fs::read_to_string(cgroup.join("freezer.state")).map(|s| s.trim() != "THAWED").unwrap_or(false)
+        std::fs::read_to_string(cgroup.join("freezer.state"))
+            .map(|s| s.trim() != "THAWED")
+            .unwrap_or(false)
     }
 }
 

@@ -162,9 +162,16 @@ pub(crate) fn apply_meta_at(dir: BorrowedFd<'_>, name: &[u8], e: &Entry) -> Resu
     if e.kind != Kind::Symlink {
         // fchmodat2 with AT_SYMLINK_NOFOLLOW; the entry was just created by
         // us in a directory only we write to, so plain fchmodat is the fallback.
-        match rustix::fs::chmodat(dir, n, Mode::from_raw_mode(e.mode), AtFlags::SYMLINK_NOFOLLOW) {
+        match rustix::fs::chmodat(
+            dir,
+            n,
+            Mode::from_raw_mode(e.mode),
+            AtFlags::SYMLINK_NOFOLLOW,
+        ) {
             Ok(()) => {}
-            Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::OPNOTSUPP) | Err(rustix::io::Errno::INVAL) => {
+            Err(rustix::io::Errno::NOSYS)
+            | Err(rustix::io::Errno::OPNOTSUPP)
+            | Err(rustix::io::Errno::INVAL) => {
                 rustix::fs::chmodat(dir, n, Mode::from_raw_mode(e.mode), AtFlags::empty())
                     .ctx("chmod", p(&e.path))?
             }
@@ -230,11 +237,18 @@ pub(crate) fn open_read(dir: BorrowedFd<'_>, name: &[u8], whole: &[u8]) -> Resul
 
 /// mkdir, owner-only until metadata is applied.
 pub(crate) fn make_dir(dir: BorrowedFd<'_>, name: &[u8], whole: &[u8]) -> Result<()> {
-    rustix::fs::mkdirat(dir, OsStr::from_bytes(name), Mode::from_raw_mode(0o700)).ctx("mkdir", p(whole))
+    rustix::fs::mkdirat(dir, OsStr::from_bytes(name), Mode::from_raw_mode(0o700))
+        .ctx("mkdir", p(whole))
 }
 
 /// Hardlink `from_name` in `from_dir` to `name` in `dir` (never follows).
-pub(crate) fn link(from_dir: BorrowedFd<'_>, from_name: &[u8], dir: BorrowedFd<'_>, name: &[u8], whole: &[u8]) -> Result<()> {
+pub(crate) fn link(
+    from_dir: BorrowedFd<'_>,
+    from_name: &[u8],
+    dir: BorrowedFd<'_>,
+    name: &[u8],
+    whole: &[u8],
+) -> Result<()> {
     rustix::fs::linkat(
         from_dir,
         OsStr::from_bytes(from_name),
@@ -267,7 +281,10 @@ pub(crate) fn remove_tree(dir: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
             let ent = ent.ctx("readdir", p(name))?;
             let b = ent.file_name().to_bytes();
             if b != b"." && b != b".." {
-                names.push((b.to_vec(), ent.file_type() == rustix::fs::FileType::Directory));
+                names.push((
+                    b.to_vec(),
+                    ent.file_type() == rustix::fs::FileType::Directory,
+                ));
             }
         }
     }
@@ -275,7 +292,8 @@ pub(crate) fn remove_tree(dir: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
         if is_dir {
             remove_tree(sub.as_fd(), &c)?;
         } else {
-            rustix::fs::unlinkat(&sub, OsStr::from_bytes(&c), AtFlags::empty()).ctx("unlink", p(&c))?;
+            rustix::fs::unlinkat(&sub, OsStr::from_bytes(&c), AtFlags::empty())
+                .ctx("unlink", p(&c))?;
         }
     }
     drop(sub);

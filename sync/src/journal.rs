@@ -43,7 +43,10 @@ struct Record {
 
 impl std::fmt::Debug for Journal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Journal").field("overflows", &self.overflows).field("events", &self.events).finish()
+        f.debug_struct("Journal")
+            .field("overflows", &self.overflows)
+            .field("events", &self.events)
+            .finish()
     }
 }
 
@@ -53,9 +56,14 @@ impl Journal {
         let flags = InitFlags::FAN_CLASS_NOTIF
             | InitFlags::FAN_CLOEXEC
             | InitFlags::FAN_NONBLOCK
-            | InitFlags::from_bits_retain(libc_flags::FAN_REPORT_DFID_NAME | libc_flags::FAN_REPORT_FID);
-        let fan = Fanotify::init(flags, EventFFlags::O_RDONLY)
-            .map_err(|e| SyncError::Journal(format!("fanotify_init refused ({e}); needs root and Linux >= 5.9")))?;
+            | InitFlags::from_bits_retain(
+                libc_flags::FAN_REPORT_DFID_NAME | libc_flags::FAN_REPORT_FID,
+            );
+        let fan = Fanotify::init(flags, EventFFlags::O_RDONLY).map_err(|e| {
+            SyncError::Journal(format!(
+                "fanotify_init refused ({e}); needs root and Linux >= 5.9"
+            ))
+        })?;
         let mask = MaskFlags::from_bits_retain(
             libc_flags::FAN_CREATE
                 | libc_flags::FAN_DELETE
@@ -67,8 +75,18 @@ impl Journal {
                 | libc_flags::FAN_MOVE_SELF
                 | libc_flags::FAN_ONDIR,
         );
-        fan.mark(MarkFlags::FAN_MARK_ADD | MarkFlags::from_bits_retain(libc_flags::FAN_MARK_FILESYSTEM), mask, nix::fcntl::AT_FDCWD, Some(root))
-            .map_err(|e| SyncError::Journal(format!("fanotify_mark FAN_MARK_FILESYSTEM on {} refused: {e}", root.display())))?;
+        fan.mark(
+            MarkFlags::FAN_MARK_ADD | MarkFlags::from_bits_retain(libc_flags::FAN_MARK_FILESYSTEM),
+            mask,
+            nix::fcntl::AT_FDCWD,
+            Some(root),
+        )
+        .map_err(|e| {
+            SyncError::Journal(format!(
+                "fanotify_mark FAN_MARK_FILESYSTEM on {} refused: {e}",
+                root.display()
+            ))
+        })?;
         Ok(Journal {
             fan,
             pending: Vec::new(),
@@ -120,9 +138,15 @@ impl Journal {
                     break;
                 }
                 let rec = &info[..len];
-                if matches!(ty, INFO_FID | INFO_DFID_NAME | INFO_DFID | INFO_OLD_DFID_NAME | INFO_NEW_DFID_NAME) {
+                if matches!(
+                    ty,
+                    INFO_FID | INFO_DFID_NAME | INFO_DFID | INFO_OLD_DFID_NAME | INFO_NEW_DFID_NAME
+                ) {
                     match decode_handle(rec) {
-                        Some(ino) => self.pending.push(Record { ino, is_dir_handle: ty != INFO_FID }),
+                        Some(ino) => self.pending.push(Record {
+                            ino,
+                            is_dir_handle: ty != INFO_FID,
+                        }),
                         None => self.undecodable = true,
                     }
                 }
@@ -163,7 +187,9 @@ impl Journal {
         }
         let mut dirs = HashSet::new();
         for r in recs {
-            let Some(ix) = by_ino.get(&r.ino) else { continue };
+            let Some(ix) = by_ino.get(&r.ino) else {
+                continue;
+            };
             for &i in ix {
                 let e = &prev.entries[i];
                 if e.kind == Kind::Dir {
@@ -188,7 +214,9 @@ fn decode_handle(rec: &[u8]) -> Option<u64> {
     let hb = u32::from_ne_bytes(h.get(0..4)?.try_into().ok()?) as usize;
     let ty = i32::from_ne_bytes(h.get(4..8)?.try_into().ok()?);
     let fh = h.get(8..8 + hb)?;
-    let w = |i: usize| -> Option<u64> { Some(u32::from_ne_bytes(fh.get(i * 4..i * 4 + 4)?.try_into().ok()?) as u64) };
+    let w = |i: usize| -> Option<u64> {
+        Some(u32::from_ne_bytes(fh.get(i * 4..i * 4 + 4)?.try_into().ok()?) as u64)
+    };
     match (ty, hb) {
         (1, 8) => w(0),
         (1, 12) => Some(w(1)? | (w(2)? << 32)),

@@ -18,15 +18,33 @@ use crate::store::{Store, DEFAULT_KEEP};
 /// connection carries one round; rounds for different names run concurrently,
 /// a second concurrent round for the same name is refused. In-flight rounds
 /// are abandoned at shutdown (their snapshots stay as they were).
-pub async fn serve<F>(listener: TcpListener, dir: &Path, token: Option<Vec<u8>>, shutdown: F) -> Result<()>
+pub async fn serve<F>(
+    listener: TcpListener,
+    dir: &Path,
+    token: Option<Vec<u8>>,
+    shutdown: F,
+) -> Result<()>
 where
     F: Future<Output = ()>,
 {
-    serve_with(listener, Arc::new(Store::open(dir, DEFAULT_KEEP)?), token, shutdown, |_| {}).await
+    serve_with(
+        listener,
+        Arc::new(Store::open(dir, DEFAULT_KEEP)?),
+        token,
+        shutdown,
+        |_| {},
+    )
+    .await
 }
 
 /// [`serve`] with an open store and a callback per finished round.
-pub async fn serve_with<F, C>(listener: TcpListener, store: Arc<Store>, token: Option<Vec<u8>>, shutdown: F, on_round: C) -> Result<()>
+pub async fn serve_with<F, C>(
+    listener: TcpListener,
+    store: Arc<Store>,
+    token: Option<Vec<u8>>,
+    shutdown: F,
+    on_round: C,
+) -> Result<()>
 where
     F: Future<Output = ()>,
     C: Fn(&Result<Received>) + Send + Sync + 'static,
@@ -58,17 +76,38 @@ where
     Ok(())
 }
 
-async fn one_round(addr: &str, src: &Path, name: &str, token: Option<&[u8]>, opts: &PushOptions, state: SenderState, deadline: Option<Instant>) -> (Result<RoundStats>, SenderState) {
+async fn one_round(
+    addr: &str,
+    src: &Path,
+    name: &str,
+    token: Option<&[u8]>,
+    opts: &PushOptions,
+    state: SenderState,
+    deadline: Option<Instant>,
+) -> (Result<RoundStats>, SenderState) {
     let sock = match TcpStream::connect(addr).await {
         Ok(s) => s,
         Err(e) => return (Err(SyncError::Stream(e)), state),
     };
     let _ = sock.set_nodelay(true);
-    let (src, name, token, opts) = (src.to_path_buf(), name.to_string(), token.map(|t| t.to_vec()), opts.clone());
+    let (src, name, token, opts) = (
+        src.to_path_buf(),
+        name.to_string(),
+        token.map(|t| t.to_vec()),
+        opts.clone(),
+    );
     let (tx, rx) = std::sync::mpsc::channel();
     let mut st = state;
     let r = run_blocking(sock, move |peer| {
-        let r = send_blocking(peer, &src, &name, token.as_deref(), &opts, &mut st, deadline);
+        let r = send_blocking(
+            peer,
+            &src,
+            &name,
+            token.as_deref(),
+            &opts,
+            &mut st,
+            deadline,
+        );
         let _ = tx.send(st);
         r
     })
@@ -88,7 +127,14 @@ async fn one_round(addr: &str, src: &Path, name: &str, token: Option<&[u8]>, opt
 /// pass, then the cgroup is frozen for a short final pass bounded by
 /// `max`; past it the pass is aborted, the cgroup thawed, and it is tried
 /// again later (up to `attempts`).
-pub async fn push_round(src: &Path, addr: &str, name: &str, token: Option<&[u8]>, opts: &PushOptions, state: SenderState) -> (Result<RoundStats>, SenderState) {
+pub async fn push_round(
+    src: &Path,
+    addr: &str,
+    name: &str,
+    token: Option<&[u8]>,
+    opts: &PushOptions,
+    state: SenderState,
+) -> (Result<RoundStats>, SenderState) {
     let Some(fc) = opts.freeze.clone() else {
         return one_round(addr, src, name, token, opts, state, None).await;
     };
@@ -102,11 +148,12 @@ pub async fn push_round(src: &Path, addr: &str, name: &str, token: Option<&[u8]>
     for attempt in 0..fc.attempts.max(1) {
         let cg = fc.cgroup.clone();
         let max = fc.max;
-        let frozen = match tokio::task::spawn_blocking(move || crate::freeze::freeze(&cg, max)).await {
-            Ok(Ok(f)) => f,
-            Ok(Err(e)) => return (Err(e), state),
-            Err(e) => return (Err(SyncError::Freeze(e.to_string())), state),
-        };
+        let frozen =
+            match tokio::task::spawn_blocking(move || crate::freeze::freeze(&cg, max)).await {
+                Ok(Ok(f)) => f,
+                Ok(Err(e)) => return (Err(e), state),
+                Err(e) => return (Err(SyncError::Freeze(e.to_string())), state),
+            };
         let deadline = frozen.since + fc.max;
         let (r, st) = one_round(addr, src, name, token, opts, state, Some(deadline)).await;
         state = st;
@@ -128,7 +175,10 @@ pub async fn push_round(src: &Path, addr: &str, name: &str, token: Option<&[u8]>
             }
             Err(SyncError::Aborted(why)) => {
                 tracing::warn!(attempt, %why, ?held, "frozen pass exceeded its bound; thawed, retrying");
-                last_err = Some(SyncError::Freeze(format!("frozen pass would exceed {:?} ({why})", fc.max)));
+                last_err = Some(SyncError::Freeze(format!(
+                    "frozen pass would exceed {:?} ({why})",
+                    fc.max
+                )));
                 // Catch up unfrozen before the next attempt.
                 let (r, st) = one_round(addr, src, name, token, opts, state, None).await;
                 state = st;
@@ -139,13 +189,24 @@ pub async fn push_round(src: &Path, addr: &str, name: &str, token: Option<&[u8]>
             Err(e) => return (Err(e), state),
         }
     }
-    (Err(last_err.unwrap_or_else(|| SyncError::Freeze("no attempt".into()))), state)
+    (
+        Err(last_err.unwrap_or_else(|| SyncError::Freeze("no attempt".into()))),
+        state,
+    )
 }
 
 /// Send `src` as `name` to a `serve` at `addr`: one round, or with
 /// `opts.watch` rounds as the tree changes until `shutdown`. `on_round` gets
 /// every round's figures. Returns the figures of the last round.
-pub async fn push<F, C>(src: &Path, addr: &str, name: &str, token: Option<Vec<u8>>, opts: PushOptions, shutdown: F, mut on_round: C) -> Result<RoundStats>
+pub async fn push<F, C>(
+    src: &Path,
+    addr: &str,
+    name: &str,
+    token: Option<Vec<u8>>,
+    opts: PushOptions,
+    shutdown: F,
+    mut on_round: C,
+) -> Result<RoundStats>
 where
     F: Future<Output = ()>,
     C: FnMut(&RoundStats),

@@ -7,7 +7,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::entry::{display, Kind};
 use crate::error::{Result, SyncError};
 use crate::session::{run_blocking, Peer};
-use crate::store::{ApplyStats, Applier, Store};
+use crate::store::{Applier, ApplyStats, Store};
 use crate::wire::{Frame, MANIFEST_BATCH};
 
 /// What a received round did.
@@ -65,7 +65,12 @@ where
 fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Result<Received> {
     let (name, tok, flags) = match peer.recv()? {
         Frame::Hello { name, token, flags } => (name, token, flags),
-        f => return Err(SyncError::Handshake(format!("expected Hello, got {}", f.name()))),
+        f => {
+            return Err(SyncError::Handshake(format!(
+                "expected Hello, got {}",
+                f.name()
+            )))
+        }
     };
     if !token_ok(token, &tok) {
         return Err(SyncError::BadToken);
@@ -73,7 +78,10 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
     let _busy = store.lock(&name)?;
     let unified = flags & 1 != 0;
     let current = store.current(&name)?;
-    let (digest, seq) = current.as_ref().map(|s| (s.index.digest, s.seq)).unwrap_or(([0; 32], 0));
+    let (digest, seq) = current
+        .as_ref()
+        .map(|s| (s.index.digest, s.seq))
+        .unwrap_or(([0; 32], 0));
     tracing::info!(%name, seq, "round started");
     peer.send(Frame::Welcome { digest, seq })?;
     let mut applier: Option<Applier<'_>> = None;
@@ -81,20 +89,32 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
     loop {
         match peer.recv()? {
             Frame::NeedManifest => {
-                let entries = current.as_ref().map(|s| &s.index.entries[..]).unwrap_or(&[]);
+                let entries = current
+                    .as_ref()
+                    .map(|s| &s.index.entries[..])
+                    .unwrap_or(&[]);
                 for c in entries.chunks(MANIFEST_BATCH) {
                     peer.send(Frame::ManifestChunk(c.to_vec()))?;
                 }
-                peer.send(Frame::ManifestEnd { count: entries.len() as u64 })?;
+                peer.send(Frame::ManifestEnd {
+                    count: entries.len() as u64,
+                })?;
             }
             Frame::HaveManifest => {}
             Frame::SigRequest { path, block } => {
-                let s = current.as_ref().ok_or_else(|| SyncError::Protocol("signature request without a snapshot".into()))?;
+                let s = current.as_ref().ok_or_else(|| {
+                    SyncError::Protocol("signature request without a snapshot".into())
+                })?;
                 let e = s
                     .index
                     .get(&path)
                     .filter(|e| e.kind == Kind::File)
-                    .ok_or_else(|| SyncError::Protocol(format!("signature of {:?}, not a file of the snapshot", display(&path))))?;
+                    .ok_or_else(|| {
+                        SyncError::Protocol(format!(
+                            "signature of {:?}, not a file of the snapshot",
+                            display(&path)
+                        ))
+                    })?;
                 if block != crate::delta::block_size(e.size) {
                     return Err(SyncError::Protocol("signature block size mismatch".into()));
                 }
@@ -103,8 +123,13 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
                     crate::entry::split_parent(&path).1,
                     &path,
                 )?;
-                let sums = crate::delta::signature(std::io::BufReader::with_capacity(1 << 20, f), block)
-                    .map_err(|e| SyncError::Io { op: "read", path: crate::fsops::p(&path), source: e })?;
+                let sums =
+                    crate::delta::signature(std::io::BufReader::with_capacity(1 << 20, f), block)
+                        .map_err(|e| SyncError::Io {
+                        op: "read",
+                        path: crate::fsops::p(&path),
+                        source: e,
+                    })?;
                 peer.send(Frame::Signature { block, sums })?;
             }
             Frame::HashQuery(h) => {
@@ -123,14 +148,33 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
                 if let Some(a) = &applier {
                     a.set_unified(unified)?;
                 }
-                return stream_changes(peer, applier.take().ok_or_else(|| SyncError::Protocol("no applier".into()))?, &name);
+                return stream_changes(
+                    peer,
+                    applier
+                        .take()
+                        .ok_or_else(|| SyncError::Protocol("no applier".into()))?,
+                    &name,
+                );
             }
             Frame::End { digest: d, count } => {
                 // Nothing changed: the sender's tree is the current snapshot.
-                if current.is_none() || d != digest || count != current.as_ref().map(|s| s.index.entries.len() as u64).unwrap_or(0) {
-                    return Err(SyncError::Protocol("End without changes, but the digest differs from the current snapshot".into()));
+                if current.is_none()
+                    || d != digest
+                    || count
+                        != current
+                            .as_ref()
+                            .map(|s| s.index.entries.len() as u64)
+                            .unwrap_or(0)
+                {
+                    return Err(SyncError::Protocol(
+                        "End without changes, but the digest differs from the current snapshot"
+                            .into(),
+                    ));
                 }
-                peer.send(Frame::Committed { seq, unified_bytes: 0 })?;
+                peer.send(Frame::Committed {
+                    seq,
+                    unified_bytes: 0,
+                })?;
                 return Ok(Received {
                     name,
                     seq,
@@ -141,15 +185,36 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
                 });
             }
             Frame::Abort(why) => return Err(SyncError::Aborted(format!("sender aborted: {why}"))),
-            f => return Err(SyncError::Protocol(format!("unexpected {} before Begin", f.name()))),
+            f => {
+                return Err(SyncError::Protocol(format!(
+                    "unexpected {} before Begin",
+                    f.name()
+                )))
+            }
         }
     }
 }
 
 fn open_version(store: &Store, name: &str, seq: u64) -> Result<crate::fsops::DirCache> {
-    let p = store.dir().join(".vsha").join(name).join("v").join(seq.to_string());
-    let fd = rustix::fs::open(&p, rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC | rustix::fs::OFlags::NOFOLLOW, rustix::fs::Mode::empty())
-        .map_err(|e| SyncError::Io { op: "open", path: p.clone(), source: e.into() })?;
+    let p = store
+        .dir()
+        .join(".vsha")
+        .join(name)
+        .join("v")
+        .join(seq.to_string());
+    let fd = rustix::fs::open(
+        &p,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::CLOEXEC
+            | rustix::fs::OFlags::NOFOLLOW,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| SyncError::Io {
+        op: "open",
+        path: p.clone(),
+        source: e.into(),
+    })?;
     Ok(crate::fsops::DirCache::new(fd))
 }
 
@@ -167,8 +232,15 @@ fn stream_changes(peer: &mut Peer, mut a: Applier<'_>, name: &str) -> Result<Rec
                                 a.file_end(inc, h)?;
                                 break;
                             }
-                            Frame::Abort(why) => return Err(SyncError::Aborted(format!("sender aborted: {why}"))),
-                            f => return Err(SyncError::Protocol(format!("unexpected {} inside a file", f.name()))),
+                            Frame::Abort(why) => {
+                                return Err(SyncError::Aborted(format!("sender aborted: {why}")))
+                            }
+                            f => {
+                                return Err(SyncError::Protocol(format!(
+                                    "unexpected {} inside a file",
+                                    f.name()
+                                )))
+                            }
                         }
                     }
                 }
@@ -177,7 +249,10 @@ fn stream_changes(peer: &mut Peer, mut a: Applier<'_>, name: &str) -> Result<Rec
             Frame::End { digest, count } => {
                 let (seq, stats) = a.finish(digest, count)?;
                 tracing::info!(%name, seq, changed = stats.changed, deleted = stats.deleted, "round committed");
-                peer.send(Frame::Committed { seq, unified_bytes: stats.unified_bytes })?;
+                peer.send(Frame::Committed {
+                    seq,
+                    unified_bytes: stats.unified_bytes,
+                })?;
                 return Ok(Received {
                     name: name.to_string(),
                     seq,
@@ -188,7 +263,12 @@ fn stream_changes(peer: &mut Peer, mut a: Applier<'_>, name: &str) -> Result<Rec
                 });
             }
             Frame::Abort(why) => return Err(SyncError::Aborted(format!("sender aborted: {why}"))),
-            f => return Err(SyncError::Protocol(format!("unexpected {} in the change stream", f.name()))),
+            f => {
+                return Err(SyncError::Protocol(format!(
+                    "unexpected {} in the change stream",
+                    f.name()
+                )))
+            }
         }
     }
 }

@@ -269,7 +269,12 @@ pub fn hash_file(path: &Path) -> Result<[u8; 32]> {
 
 /// Fill hardlink `link` fields and content hashes, reusing `prev` hashes when
 /// size, mtime and inode are unchanged.
-fn finish(root: &Path, mut entries: Vec<Entry>, prev: Option<&Index>, st: &mut ScanStats) -> Result<Index> {
+fn finish(
+    root: &Path,
+    mut entries: Vec<Entry>,
+    prev: Option<&Index>,
+    st: &mut ScanStats,
+) -> Result<Index> {
     sort_entries(&mut entries);
     // Hardlink groups: first name in tree order leads.
     let mut leaders: HashMap<u64, usize> = HashMap::new();
@@ -296,16 +301,11 @@ fn finish(root: &Path, mut entries: Vec<Entry>, prev: Option<&Index>, st: &mut S
         .filter(|(_, e)| e.kind == Kind::File && e.link.is_none())
         .filter(|(_, e)| match prev_map.get(&e.path[..]) {
             Some(p) => {
-                if p.kind == Kind::File
+                !(p.kind == Kind::File
                     && p.size == e.size
                     && p.mtime == e.mtime
                     && p.mtime_nsec == e.mtime_nsec
-                    && p.ino == e.ino
-                {
-                    false
-                } else {
-                    true
-                }
+                    && p.ino == e.ino)
             }
             None => true,
         })
@@ -355,7 +355,11 @@ pub fn scan(root: &Path, prev: Option<&Index>) -> Result<(Index, ScanStats)> {
 /// Rescan only the directories in `dirs` (relative paths) on top of `prev`:
 /// each is listed again and its children re-stated; new or replaced
 /// subdirectories are walked in full; vanished ones drop with their subtree.
-pub fn rescan_dirs(root: &Path, prev: &Index, dirs: &HashSet<Vec<u8>>) -> Result<(Index, ScanStats)> {
+pub fn rescan_dirs(
+    root: &Path,
+    prev: &Index,
+    dirs: &HashSet<Vec<u8>>,
+) -> Result<(Index, ScanStats)> {
     let mut st = ScanStats::default();
     let mut changed: Vec<Vec<u8>> = dirs.iter().cloned().collect();
     changed.sort_by(|a, b| key_cmp(a, b));
@@ -398,7 +402,10 @@ pub fn rescan_dirs(root: &Path, prev: &Index, dirs: &HashSet<Vec<u8>>) -> Result
             match stat_entry(root, child.clone()) {
                 Ok(e) => {
                     if e.kind == Kind::Dir {
-                        let same = prev_dirs.get(&child[..]).map(|o| o.ino == e.ino).unwrap_or(false);
+                        let same = prev_dirs
+                            .get(&child[..])
+                            .map(|o| o.ino == e.ino)
+                            .unwrap_or(false);
                         let on_dev = std::fs::symlink_metadata(join(root, &child))
                             .map(|m| m.dev() == dev)
                             .unwrap_or(false);
@@ -424,7 +431,8 @@ pub fn rescan_dirs(root: &Path, prev: &Index, dirs: &HashSet<Vec<u8>>) -> Result
         walk_from(root, new_dirs)?
     };
     st.dirs_listed += nd;
-    let under = |p: &[u8], pre: &[u8]| p.len() > pre.len() && p.starts_with(pre) && p[pre.len()] == b'/';
+    let under =
+        |p: &[u8], pre: &[u8]| p.len() > pre.len() && p.starts_with(pre) && p[pre.len()] == b'/';
     let mut out: Vec<Entry> = Vec::with_capacity(prev.entries.len() + walked.len());
     for e in &prev.entries {
         let (parent, _) = crate::entry::split_parent(&e.path);
@@ -434,7 +442,10 @@ pub fn rescan_dirs(root: &Path, prev: &Index, dirs: &HashSet<Vec<u8>>) -> Result
         if fresh.contains_key(&e.path) {
             continue;
         }
-        if removed_prefixes.iter().any(|pre| under(&e.path, pre) || (e.path == *pre && !fresh.contains_key(pre))) {
+        if removed_prefixes
+            .iter()
+            .any(|pre| under(&e.path, pre) || (e.path == *pre && !fresh.contains_key(pre)))
+        {
             continue;
         }
         out.push(e.clone());

@@ -104,8 +104,13 @@ impl SenderState {
 
     /// Load a persisted index (hash cache and receiver manifest).
     pub fn load(path: &Path) -> SenderState {
-        let idx = std::fs::read(path).ok().and_then(|b| crate::store::decode_manifest(&b).ok());
-        SenderState { last: idx, ..Default::default() }
+        let idx = std::fs::read(path)
+            .ok()
+            .and_then(|b| crate::store::decode_manifest(&b).ok());
+        SenderState {
+            last: idx,
+            ..Default::default()
+        }
     }
 
     /// Persist the index.
@@ -121,7 +126,11 @@ impl SenderState {
 
 /// Scan the source for a round: through the journal when it has a clean
 /// record since the last round, else in full.
-pub(crate) fn scan_for_round(src: &Path, state: &mut SenderState, want_journal: bool) -> Result<(Index, bool)> {
+pub(crate) fn scan_for_round(
+    src: &Path,
+    state: &mut SenderState,
+    want_journal: bool,
+) -> Result<(Index, bool)> {
     if want_journal && state.journal.is_none() {
         match crate::journal::Journal::start(src) {
             Ok(j) => state.journal = Some(j),
@@ -155,7 +164,14 @@ pub(crate) fn scan_for_round(src: &Path, state: &mut SenderState, want_journal: 
 }
 
 /// Send one round of `src` as `name` over `stream`.
-pub async fn send<S>(stream: S, src: PathBuf, name: String, token: Option<Vec<u8>>, opts: PushOptions, mut state: SenderState) -> (Result<RoundStats>, SenderState)
+pub async fn send<S>(
+    stream: S,
+    src: PathBuf,
+    name: String,
+    token: Option<Vec<u8>>,
+    opts: PushOptions,
+    mut state: SenderState,
+) -> (Result<RoundStats>, SenderState)
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
@@ -215,7 +231,12 @@ pub(crate) fn send_blocking(
     let (rdigest, _rseq) = match peer.recv()? {
         Frame::Welcome { digest, seq } => (digest, seq),
         Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
-        f => return Err(SyncError::Handshake(format!("expected Welcome, got {}", f.name()))),
+        f => {
+            return Err(SyncError::Handshake(format!(
+                "expected Welcome, got {}",
+                f.name()
+            )))
+        }
     };
     let remote: Index = if rdigest == [0; 32] {
         peer.send(Frame::HaveManifest)?;
@@ -236,12 +257,19 @@ pub(crate) fn send_blocking(
                     break;
                 }
                 Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
-                f => return Err(SyncError::Protocol(format!("unexpected {} in manifest", f.name()))),
+                f => {
+                    return Err(SyncError::Protocol(format!(
+                        "unexpected {} in manifest",
+                        f.name()
+                    )))
+                }
             }
         }
         let i = Index::from_entries(v);
         if i.digest != rdigest {
-            return Err(SyncError::Protocol("receiver manifest does not match its digest".into()));
+            return Err(SyncError::Protocol(
+                "receiver manifest does not match its digest".into(),
+            ));
         }
         i
     };
@@ -253,11 +281,19 @@ pub(crate) fn send_blocking(
     };
     check_deadline(peer)?;
     if idx.digest == remote.digest && !remote.entries.is_empty() {
-        peer.send(Frame::End { digest: idx.digest, count: idx.entries.len() as u64 })?;
+        peer.send(Frame::End {
+            digest: idx.digest,
+            count: idx.entries.len() as u64,
+        })?;
         match peer.recv()? {
             Frame::Committed { seq, .. } => stats.seq = seq,
             Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
-            f => return Err(SyncError::Protocol(format!("expected Committed, got {}", f.name()))),
+            f => {
+                return Err(SyncError::Protocol(format!(
+                    "expected Committed, got {}",
+                    f.name()
+                )))
+            }
         }
         stats.unchanged = true;
         stats.round_duration = t0.elapsed();
@@ -269,7 +305,11 @@ pub(crate) fn send_blocking(
     }
     // Plan: merge both sorted lists.
     let src_paths: HashSet<&[u8]> = idx.entries.iter().map(|e| &e.path[..]).collect();
-    let remote_groups: HashSet<&[u8]> = remote.entries.iter().filter_map(|e| e.link.as_deref()).collect();
+    let remote_groups: HashSet<&[u8]> = remote
+        .entries
+        .iter()
+        .filter_map(|e| e.link.as_deref())
+        .collect();
     let mut by_hash: HashMap<[u8; 32], &Entry> = HashMap::new();
     for e in &remote.entries {
         if e.kind == Kind::File && e.link.is_none() && !remote_groups.contains(&e.path[..]) {
@@ -292,7 +332,11 @@ pub(crate) fn send_blocking(
             }
             o => {
                 let e = &a[i];
-                let r = if o == std::cmp::Ordering::Equal { Some(&b[j]) } else { None };
+                let r = if o == std::cmp::Ordering::Equal {
+                    Some(&b[j])
+                } else {
+                    None
+                };
                 if o == std::cmp::Ordering::Equal {
                     j += 1;
                 }
@@ -302,11 +346,18 @@ pub(crate) fn send_blocking(
                 }
                 let source = if e.kind != Kind::File || e.link.is_some() {
                     Source::None
-                } else if let Some(r) = r.filter(|r| r.kind == Kind::File && r.hash == e.hash && r.link.is_none()) {
+                } else if let Some(r) =
+                    r.filter(|r| r.kind == Kind::File && r.hash == e.hash && r.link.is_none())
+                {
                     Source::Old(r.path.clone())
-                } else if let Some(o) = by_hash.get(&e.hash).filter(|o| e.size > 0 && !src_paths.contains(&o.path[..])) {
+                } else if let Some(o) = by_hash
+                    .get(&e.hash)
+                    .filter(|o| e.size > 0 && !src_paths.contains(&o.path[..]))
+                {
                     Source::Old(o.path.clone())
-                } else if let Some(r) = r.filter(|r| r.kind == Kind::File && r.size >= DELTA_MIN && e.size >= DELTA_MIN) {
+                } else if let Some(r) =
+                    r.filter(|r| r.kind == Kind::File && r.size >= DELTA_MIN && e.size >= DELTA_MIN)
+                {
                     Source::Delta(r.path.clone())
                 } else {
                     Source::Data
@@ -343,7 +394,12 @@ pub(crate) fn send_blocking(
                     }
                 }
                 Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
-                f => return Err(SyncError::Protocol(format!("expected HashHave, got {}", f.name()))),
+                f => {
+                    return Err(SyncError::Protocol(format!(
+                        "expected HashHave, got {}",
+                        f.name()
+                    )))
+                }
             }
         }
     }
@@ -353,13 +409,23 @@ pub(crate) fn send_blocking(
         if let Plan::Put(_, Source::Delta(b)) = p {
             let Some(r) = remote.get(b) else { continue };
             let block = block_size(r.size);
-            peer.send(Frame::SigRequest { path: b.clone(), block })?;
+            peer.send(Frame::SigRequest {
+                path: b.clone(),
+                block,
+            })?;
             match peer.recv()? {
-                Frame::Signature { block: bl, sums } if bl == block && sums.len() as u64 == r.size.div_ceil(block as u64) => {
+                Frame::Signature { block: bl, sums }
+                    if bl == block && sums.len() as u64 == r.size.div_ceil(block as u64) =>
+                {
                     sigs.insert(n, sums);
                 }
                 Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
-                f => return Err(SyncError::Protocol(format!("bad signature answer ({})", f.name()))),
+                f => {
+                    return Err(SyncError::Protocol(format!(
+                        "bad signature answer ({})",
+                        f.name()
+                    )))
+                }
             }
         }
     }
@@ -374,12 +440,18 @@ pub(crate) fn send_blocking(
         .collect();
     let (ptx, prx) = sync_channel::<Vec<std::io::Result<Vec<u8>>>>(4);
     let src_owned = src.to_path_buf();
-    let paths: Vec<(PathBuf, u64)> = small.iter().map(|k| (join(src, &idx.entries[*k].path), idx.entries[*k].size)).collect();
+    let paths: Vec<(PathBuf, u64)> = small
+        .iter()
+        .map(|k| (join(src, &idx.entries[*k].path), idx.entries[*k].size))
+        .collect();
     let prefetch = std::thread::spawn(move || {
         let _ = &src_owned;
         for batch in paths.chunks(256) {
             let data: Vec<std::io::Result<Vec<u8>>> = io_pool().install(|| {
-                batch.par_iter().map(|(p, size)| read_small(p, *size)).collect()
+                batch
+                    .par_iter()
+                    .map(|(p, size)| read_small(p, *size))
+                    .collect()
             });
             if ptx.send(data).is_err() {
                 break;
@@ -405,7 +477,10 @@ pub(crate) fn send_blocking(
             Plan::Put(k, source) => {
                 stats.files_changed += 1;
                 let e = &idx.entries[*k];
-                let r = peer.send(Frame::Put { entry: e.clone(), source: source.clone() });
+                let r = peer.send(Frame::Put {
+                    entry: e.clone(),
+                    source: source.clone(),
+                });
                 match (r, source) {
                     (Err(er), _) => Err(er),
                     (Ok(()), Source::Data) if is_small(e) => {
@@ -425,10 +500,18 @@ pub(crate) fn send_blocking(
                                 let h = *blake3::hash(&d).as_bytes();
                                 stats.literal_bytes += d.len() as u64;
                                 new_entries[*k].hash = h;
-                                let r = if d.is_empty() { Ok(()) } else { peer.send(Frame::Data(d)) };
+                                let r = if d.is_empty() {
+                                    Ok(())
+                                } else {
+                                    peer.send(Frame::Data(d))
+                                };
                                 r.and_then(|_| peer.send(Frame::FileEnd(h)))
                             }
-                            Some(Err(er)) => Err(SyncError::Io { op: "read", path: join(src, &e.path), source: er }),
+                            Some(Err(er)) => Err(SyncError::Io {
+                                op: "read",
+                                path: join(src, &e.path),
+                                source: er,
+                            }),
                             None => Err(SyncError::Protocol("prefetch ended early".into())),
                         }
                     }
@@ -470,17 +553,28 @@ pub(crate) fn send_blocking(
     }
     let digest = tree_digest(&new_entries);
     check_deadline(peer)?;
-    peer.send(Frame::End { digest, count: new_entries.len() as u64 })?;
+    peer.send(Frame::End {
+        digest,
+        count: new_entries.len() as u64,
+    })?;
     match peer.recv()? {
         Frame::Committed { seq, unified_bytes } => {
             stats.seq = seq;
             stats.unified_bytes = unified_bytes;
         }
         Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
-        f => return Err(SyncError::Protocol(format!("expected Committed, got {}", f.name()))),
+        f => {
+            return Err(SyncError::Protocol(format!(
+                "expected Committed, got {}",
+                f.name()
+            )))
+        }
     }
     stats.round_duration = t0.elapsed();
-    state.last = Some(Index { entries: new_entries, digest });
+    state.last = Some(Index {
+        entries: new_entries,
+        digest,
+    });
     state.last_point = Some(point);
     stats.lag = state.lag().unwrap_or_default();
     stats.journal_fallbacks = state.fallbacks;
@@ -496,7 +590,10 @@ fn is_sparse(e: &Entry) -> bool {
 }
 
 fn read_small(p: &Path, size: u64) -> std::io::Result<Vec<u8>> {
-    let f = std::fs::OpenOptions::new().read(true).custom_flags_nofollow().open(p)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags_nofollow()
+        .open(p)?;
     let mut v = Vec::with_capacity(size as usize);
     f.take(size).read_to_end(&mut v)?;
     Ok(v)
@@ -515,7 +612,11 @@ impl NoFollow for std::fs::OpenOptions {
 /// Stream a file (large or sparse) as Data/Hole frames; returns its hash.
 fn send_file(peer: &mut Peer, src: &Path, e: &Entry, stats: &mut RoundStats) -> Result<[u8; 32]> {
     let path = join(src, &e.path);
-    let mut f = std::fs::OpenOptions::new().read(true).custom_flags_nofollow().open(&path).ctx("open", &path)?;
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags_nofollow()
+        .open(&path)
+        .ctx("open", &path)?;
     let mut h = blake3::Hasher::new();
     let mut off = 0u64;
     let sparse = is_sparse(e);
@@ -605,9 +706,20 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-fn send_delta(peer: &mut Peer, src: &Path, e: &Entry, basis_len: u64, sums: &[(u32, u64)], stats: &mut RoundStats) -> Result<[u8; 32]> {
+fn send_delta(
+    peer: &mut Peer,
+    src: &Path,
+    e: &Entry,
+    basis_len: u64,
+    sums: &[(u32, u64)],
+    stats: &mut RoundStats,
+) -> Result<[u8; 32]> {
     let path = join(src, &e.path);
-    let f = std::fs::OpenOptions::new().read(true).custom_flags_nofollow().open(&path).ctx("open", &path)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags_nofollow()
+        .open(&path)
+        .ctx("open", &path)?;
     let block = block_size(basis_len);
     let mut rd = HashingReader {
         inner: std::io::BufReader::with_capacity(1 << 20, f),
@@ -633,7 +745,13 @@ fn send_delta(peer: &mut Peer, src: &Path, e: &Entry, basis_len: u64, sums: &[(u
             std::io::Error::other(m)
         })
     })
-    .map_err(|er| err.take().unwrap_or(SyncError::Io { op: "read", path: path.clone(), source: er }))?;
+    .map_err(|er| {
+        err.take().unwrap_or(SyncError::Io {
+            op: "read",
+            path: path.clone(),
+            source: er,
+        })
+    })?;
     let h = *rd.h.finalize().as_bytes();
     peer.send(Frame::FileEnd(h))?;
     Ok(h)

@@ -41,7 +41,10 @@ impl Peer {
     pub fn send(&self, f: Frame) -> Result<()> {
         match &self.tx {
             Some(tx) => tx.blocking_send(f).map_err(|_| {
-                SyncError::Stream(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "peer stream closed"))
+                SyncError::Stream(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "peer stream closed",
+                ))
             }),
             None => Err(SyncError::Stream(std::io::Error::other("sender closed"))),
         }

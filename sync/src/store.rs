@@ -35,7 +35,9 @@ pub fn check_name(name: &str) -> Result<()> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok {
         Ok(())
     } else {
@@ -66,7 +68,10 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("dir", &self.dir).field("keep", &self.keep).finish()
+        f.debug_struct("Store")
+            .field("dir", &self.dir)
+            .field("keep", &self.keep)
+            .finish()
     }
 }
 
@@ -109,7 +114,10 @@ pub(crate) fn decode_manifest(b: &[u8]) -> Result<Index> {
     r.finish("manifest")?;
     let idx = Index::from_entries(v);
     if idx.digest[..] != b[b.len() - 32..] {
-        return Err(crate::entry::malformed("manifest", "digest does not match its entries"));
+        return Err(crate::entry::malformed(
+            "manifest",
+            "digest does not match its entries",
+        ));
     }
     Ok(idx)
 }
@@ -118,8 +126,12 @@ impl Store {
     /// Open (creating if needed) a destination directory, keeping `keep` versions per tree.
     pub fn open(dir: &Path, keep: usize) -> Result<Store> {
         std::fs::create_dir_all(dir).ctx("mkdir", dir)?;
-        let fd = rustix::fs::open(dir, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-            .ctx("open", dir)?;
+        let fd = rustix::fs::open(
+            dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("open", dir)?;
         match rustix::fs::mkdirat(&fd, OsStr::from_bytes(META), Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e).ctx("mkdir", dir.join(".vsha")),
@@ -179,7 +191,10 @@ impl Store {
                     .and_then(|s| std::str::from_utf8(s).ok())
                     .and_then(|s| s.parse::<u64>().ok())
                     .ok_or_else(|| {
-                        SyncError::Protocol(format!("{}/{name} is not a symlink made by vsha-sync", self.dir.display()))
+                        SyncError::Protocol(format!(
+                            "{}/{name} is not a symlink made by vsha-sync",
+                            self.dir.display()
+                        ))
                     })?;
                 Ok(Some(seq))
             }
@@ -193,12 +208,24 @@ impl Store {
         let Some(seq) = self.current_seq(name)? else {
             return Ok(None);
         };
-        let mpath = self.dir.join(".vsha").join(name).join("v").join(format!("{seq}.manifest"));
+        let mpath = self
+            .dir
+            .join(".vsha")
+            .join(name)
+            .join("v")
+            .join(format!("{seq}.manifest"));
         let b = std::fs::read(&mpath).ctx("read", &mpath)?;
-        let committed = std::fs::metadata(&mpath).and_then(|m| m.modified()).ctx("stat", &mpath)?;
+        let committed = std::fs::metadata(&mpath)
+            .and_then(|m| m.modified())
+            .ctx("stat", &mpath)?;
         Ok(Some(Snapshot {
             seq,
-            path: self.dir.join(".vsha").join(name).join("v").join(seq.to_string()),
+            path: self
+                .dir
+                .join(".vsha")
+                .join(name)
+                .join("v")
+                .join(seq.to_string()),
             index: decode_manifest(&b)?,
             committed,
         }))
@@ -238,11 +265,17 @@ impl Store {
         let cur = self.current_seq(name)?.unwrap_or(0);
         let v = fsops::open_dir_at(tree.as_fd(), b"v", b"v")?;
         let mut stale = Vec::new();
-        for e in std::fs::read_dir(self.dir.join(".vsha").join(name).join("v")).ctx("readdir", &self.dir)? {
+        for e in std::fs::read_dir(self.dir.join(".vsha").join(name).join("v"))
+            .ctx("readdir", &self.dir)?
+        {
             let e = e.ctx("readdir", &self.dir)?;
             let n = e.file_name();
             let s = n.to_string_lossy();
-            let seq = s.trim_end_matches(".manifest").trim_end_matches(".tmp").parse::<u64>().ok();
+            let seq = s
+                .trim_end_matches(".manifest")
+                .trim_end_matches(".tmp")
+                .parse::<u64>()
+                .ok();
             if let Some(seq) = seq {
                 if seq > cur || s.ends_with(".tmp") {
                     stale.push(n.as_bytes().to_vec());
@@ -285,10 +318,20 @@ impl Store {
                 continue;
             }
             if let Some(s) = self.current(&other)? {
-                let groups: HashSet<&[u8]> = s.index.entries.iter().filter_map(|e| e.link.as_deref()).collect();
+                let groups: HashSet<&[u8]> = s
+                    .index
+                    .entries
+                    .iter()
+                    .filter_map(|e| e.link.as_deref())
+                    .collect();
                 for e in &s.index.entries {
-                    if e.kind == Kind::File && e.link.is_none() && !groups.contains(&e.path[..]) && e.size > 0 {
-                        m.entry(e.hash).or_insert_with(|| (s.path.clone(), e.clone()));
+                    if e.kind == Kind::File
+                        && e.link.is_none()
+                        && !groups.contains(&e.path[..])
+                        && e.size > 0
+                    {
+                        m.entry(e.hash)
+                            .or_insert_with(|| (s.path.clone(), e.clone()));
                     }
                 }
             }
@@ -305,23 +348,35 @@ impl Store {
             let fd = rustix::fs::openat(
                 &v,
                 mtmp.as_str(),
-                OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                OFlags::WRONLY
+                    | OFlags::CREATE
+                    | OFlags::TRUNC
+                    | OFlags::NOFOLLOW
+                    | OFlags::CLOEXEC,
                 Mode::from_raw_mode(0o600),
             )
             .ctx("create", PathBuf::from(&mtmp))?;
             let mut f = std::fs::File::from(fd);
-            f.write_all(&encode_manifest(idx)).ctx("write", PathBuf::from(&mtmp))?;
+            f.write_all(&encode_manifest(idx))
+                .ctx("write", PathBuf::from(&mtmp))?;
         }
         // Everything written this round reaches the disk before the switch.
         rustix::fs::syncfs(&v).ctx("syncfs", self.dir.clone())?;
-        rustix::fs::renameat(&v, mtmp.as_str(), &v, mname.as_str()).ctx("rename", PathBuf::from(&mname))?;
-        rustix::fs::renameat(tree, "tmp", &v, seq.to_string().as_str()).ctx("rename", PathBuf::from("tmp"))?;
+        rustix::fs::renameat(&v, mtmp.as_str(), &v, mname.as_str())
+            .ctx("rename", PathBuf::from(&mname))?;
+        rustix::fs::renameat(tree, "tmp", &v, seq.to_string().as_str())
+            .ctx("rename", PathBuf::from("tmp"))?;
         rustix::fs::fsync(&v).ctx("fsync", PathBuf::from("v"))?;
         let link_tmp = format!(".{name}.vsha-tmp");
         let _ = rustix::fs::unlinkat(&self.fd, link_tmp.as_str(), AtFlags::empty());
-        rustix::fs::symlinkat(format!(".vsha/{name}/v/{seq}").as_str(), &self.fd, link_tmp.as_str())
-            .ctx("symlink", self.dir.join(&link_tmp))?;
-        rustix::fs::renameat(&self.fd, link_tmp.as_str(), &self.fd, name).ctx("rename", self.dir.join(name))?;
+        rustix::fs::symlinkat(
+            format!(".vsha/{name}/v/{seq}").as_str(),
+            &self.fd,
+            link_tmp.as_str(),
+        )
+        .ctx("symlink", self.dir.join(&link_tmp))?;
+        rustix::fs::renameat(&self.fd, link_tmp.as_str(), &self.fd, name)
+            .ctx("rename", self.dir.join(name))?;
         rustix::fs::fsync(&self.fd).ctx("fsync", self.dir.clone())?;
         Ok(())
     }
@@ -329,7 +384,12 @@ impl Store {
     /// Mark or unmark a tree as taking part in unification.
     pub(crate) fn set_unified(&self, name: &str, tree: &OwnedFd, on: bool) -> Result<()> {
         if on {
-            match rustix::fs::openat(tree, "unified", OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::from_raw_mode(0o600)) {
+            match rustix::fs::openat(
+                tree,
+                "unified",
+                OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            ) {
                 Ok(_) => Ok(()),
                 Err(e) => Err(e).ctx("create", self.dir.join(".vsha").join(name).join("unified")),
             }
@@ -383,11 +443,16 @@ pub(crate) struct Incoming {
     basis: Option<(std::fs::File, u64, u32)>,
 }
 
-const ZEROS: [u8; 65536] = [0; 65536];
+static ZEROS: [u8; 65536] = [0; 65536];
 
 impl<'a> Applier<'a> {
     /// Start a new version of `name`: `old` is the current snapshot.
-    pub(crate) fn begin(store: &'a Store, name: &str, old: Option<Snapshot>, unified: bool) -> Result<Applier<'a>> {
+    pub(crate) fn begin(
+        store: &'a Store,
+        name: &str,
+        old: Option<Snapshot>,
+        unified: bool,
+    ) -> Result<Applier<'a>> {
         let tree = store.tree_dir(name)?;
         store.cleanup(name, &tree)?;
         fsops::make_dir(tree.as_fd(), b"tmp", b"tmp")?;
@@ -404,7 +469,11 @@ impl<'a> Applier<'a> {
             .as_ref()
             .map(|(_, i)| i.entries.iter().filter_map(|e| e.link.clone()).collect())
             .unwrap_or_default();
-        let pool = if unified { store.pool(name)? } else { HashMap::new() };
+        let pool = if unified {
+            store.pool(name)?
+        } else {
+            HashMap::new()
+        };
         Ok(Applier {
             store,
             name: name.to_string(),
@@ -443,9 +512,11 @@ impl<'a> Applier<'a> {
         }
         self.last_key = Some(path.to_vec());
         // Carry over every unchanged entry that sorts before this one.
-        loop {
-            let Some((_, idx)) = &self.old else { break };
-            let Some(e) = idx.entries.get(self.cursor) else { break };
+        while let Some(e) = self
+            .old
+            .as_ref()
+            .and_then(|(_, idx)| idx.entries.get(self.cursor))
+        {
             match key_cmp(&e.path, path) {
                 std::cmp::Ordering::Less => {
                     let e = e.clone();
@@ -475,7 +546,9 @@ impl<'a> Applier<'a> {
         }
         let (parent, name) = split_parent(&e.path);
         let Some((oldc, _)) = self.old.as_mut() else {
-            return Err(SyncError::Protocol("inherit without a current snapshot".into()));
+            return Err(SyncError::Protocol(
+                "inherit without a current snapshot".into(),
+            ));
         };
         let from = oldc.dir(parent)?;
         let to = self.new.dir(parent)?;
@@ -514,28 +587,49 @@ impl<'a> Applier<'a> {
 
     /// A non-file entry, a hardlink follower, or a file whose content is local.
     /// Returns `Some(Incoming)` when content frames follow.
-    pub(crate) fn put(&mut self, mut e: Entry, src: crate::wire::Source) -> Result<Option<Incoming>> {
+    pub(crate) fn put(
+        &mut self,
+        mut e: Entry,
+        src: crate::wire::Source,
+    ) -> Result<Option<Incoming>> {
         use crate::wire::Source;
         if e.path.is_empty() && (e.kind != Kind::Dir || self.last_key.is_some()) {
-            return Err(SyncError::Protocol("the root must be a directory and come first".into()));
+            return Err(SyncError::Protocol(
+                "the root must be a directory and come first".into(),
+            ));
         }
         self.order(&e.path)?;
         self.stats.changed += 1;
         if e.kind != Kind::File && src != Source::None {
-            return Err(SyncError::Protocol(format!("{:?}: only regular files have content", e.display_path())));
+            return Err(SyncError::Protocol(format!(
+                "{:?}: only regular files have content",
+                e.display_path()
+            )));
         }
         if let Some(leader) = e.link.clone() {
             if src != Source::None || e.kind == Kind::Dir {
-                return Err(SyncError::Protocol(format!("{:?}: bad hardlink", e.display_path())));
+                return Err(SyncError::Protocol(format!(
+                    "{:?}: bad hardlink",
+                    e.display_path()
+                )));
             }
             let li = self
                 .entries
                 .binary_search_by(|x| key_cmp(&x.path, &leader))
-                .map_err(|_| SyncError::Protocol(format!("{:?}: hardlink to {:?}, not (yet) in the tree", e.display_path(), display(&leader))))?;
+                .map_err(|_| {
+                    SyncError::Protocol(format!(
+                        "{:?}: hardlink to {:?}, not (yet) in the tree",
+                        e.display_path(),
+                        display(&leader)
+                    ))
+                })?;
             // The leader's hash is what was actually sent for it.
             e.hash = self.entries[li].hash;
             if !self.entries[li].same_inode_meta(&e) || self.entries[li].link.is_some() {
-                return Err(SyncError::Protocol(format!("{:?}: hardlink metadata differs from its leader", e.display_path())));
+                return Err(SyncError::Protocol(format!(
+                    "{:?}: hardlink metadata differs from its leader",
+                    e.display_path()
+                )));
             }
             let (lp, ln) = split_parent(&leader);
             let (pp, pn) = split_parent(&e.path);
@@ -560,7 +654,10 @@ impl<'a> Applier<'a> {
                 Ok(None)
             }
             Kind::File => match src {
-                Source::None => Err(SyncError::Protocol(format!("{:?}: regular file without content", e.display_path()))),
+                Source::None => Err(SyncError::Protocol(format!(
+                    "{:?}: regular file without content",
+                    e.display_path()
+                ))),
                 Source::Data => {
                     let (parent, name) = split_parent(&e.path);
                     let f = fsops::create_file(self.new.dir(parent)?, name, &e.path)?;
@@ -577,10 +674,17 @@ impl<'a> Applier<'a> {
                         .old_entry(&b)
                         .filter(|x| x.kind == Kind::File)
                         .cloned()
-                        .ok_or_else(|| SyncError::Protocol(format!("delta basis {:?} is not a file of the current snapshot", display(&b))))?;
+                        .ok_or_else(|| {
+                            SyncError::Protocol(format!(
+                                "delta basis {:?} is not a file of the current snapshot",
+                                display(&b)
+                            ))
+                        })?;
                     let (bp, bn) = split_parent(&b);
                     let Some((oldc, _)) = self.old.as_mut() else {
-                        return Err(SyncError::Protocol("delta without a current snapshot".into()));
+                        return Err(SyncError::Protocol(
+                            "delta without a current snapshot".into(),
+                        ));
                     };
                     let bf = fsops::open_read(oldc.dir(bp)?, bn, &b)?;
                     let (parent, name) = split_parent(&e.path);
@@ -598,12 +702,20 @@ impl<'a> Applier<'a> {
                         .old_entry(&from)
                         .filter(|x| x.kind == Kind::File && x.hash == e.hash && x.size == e.size)
                         .cloned()
-                        .ok_or_else(|| SyncError::Protocol(format!("{:?}: local source {:?} does not hold that content", e.display_path(), display(&from))))?;
+                        .ok_or_else(|| {
+                            SyncError::Protocol(format!(
+                                "{:?}: local source {:?} does not hold that content",
+                                e.display_path(),
+                                display(&from)
+                            ))
+                        })?;
                     let in_group = oe.link.is_some() || self.old_groups.contains(&oe.path);
                     let (fp, fname) = split_parent(&from);
                     let (parent, name) = split_parent(&e.path);
                     let Some((oldc, _)) = self.old.as_mut() else {
-                        return Err(SyncError::Protocol("local source without a current snapshot".into()));
+                        return Err(SyncError::Protocol(
+                            "local source without a current snapshot".into(),
+                        ));
                     };
                     let ffd = oldc.dir(fp)?;
                     if from != e.path && !in_group && oe.same_inode_meta(&e) {
@@ -621,12 +733,18 @@ impl<'a> Applier<'a> {
                     Ok(None)
                 }
                 Source::Pool => {
-                    let (root, pe) = self
-                        .pool
-                        .get(&e.hash)
-                        .cloned()
-                        .ok_or_else(|| SyncError::Protocol(format!("{:?}: content not in the unification pool", e.display_path())))?;
-                    let other = rustix::fs::open(&root, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()).ctx("open", &root)?;
+                    let (root, pe) = self.pool.get(&e.hash).cloned().ok_or_else(|| {
+                        SyncError::Protocol(format!(
+                            "{:?}: content not in the unification pool",
+                            e.display_path()
+                        ))
+                    })?;
+                    let other = rustix::fs::open(
+                        &root,
+                        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                        Mode::empty(),
+                    )
+                    .ctx("open", &root)?;
                     let (op, on) = split_parent(&pe.path);
                     let ofd = open_parent(other.as_fd(), op)?;
                     let (parent, name) = split_parent(&e.path);
@@ -649,9 +767,14 @@ impl<'a> Applier<'a> {
     /// Content bytes of the incoming file.
     pub(crate) fn data(&mut self, inc: &mut Incoming, d: &[u8]) -> Result<()> {
         if inc.written + d.len() as u64 > inc.entry.size {
-            return Err(SyncError::Protocol(format!("{:?}: more data than its declared size", inc.entry.display_path())));
+            return Err(SyncError::Protocol(format!(
+                "{:?}: more data than its declared size",
+                inc.entry.display_path()
+            )));
         }
-        inc.file.write_all(d).ctx("write", fsops::p(&inc.entry.path))?;
+        inc.file
+            .write_all(d)
+            .ctx("write", fsops::p(&inc.entry.path))?;
         inc.hasher.update(d);
         inc.written += d.len() as u64;
         self.stats.literal_bytes += d.len() as u64;
@@ -660,10 +783,20 @@ impl<'a> Applier<'a> {
 
     /// A hole in the incoming file.
     pub(crate) fn hole(&mut self, inc: &mut Incoming, n: u64) -> Result<()> {
-        if inc.basis.is_some() || inc.written.checked_add(n).is_none_or(|w| w > inc.entry.size) {
-            return Err(SyncError::Protocol(format!("{:?}: hole beyond its declared size", inc.entry.display_path())));
+        if inc.basis.is_some()
+            || inc
+                .written
+                .checked_add(n)
+                .is_none_or(|w| w > inc.entry.size)
+        {
+            return Err(SyncError::Protocol(format!(
+                "{:?}: hole beyond its declared size",
+                inc.entry.display_path()
+            )));
         }
-        inc.file.seek(SeekFrom::Current(n as i64)).ctx("seek", fsops::p(&inc.entry.path))?;
+        inc.file
+            .seek(SeekFrom::Current(n as i64))
+            .ctx("seek", fsops::p(&inc.entry.path))?;
         let mut left = n;
         while left > 0 {
             let k = left.min(ZEROS.len() as u64) as usize;
@@ -682,20 +815,30 @@ impl<'a> Applier<'a> {
         let nblocks = blen.div_ceil(*block as u64);
         let end = start as u64 + count as u64;
         if end > nblocks {
-            return Err(SyncError::Protocol(format!("{:?}: delta copies block {end} of {nblocks}", inc.entry.display_path())));
+            return Err(SyncError::Protocol(format!(
+                "{:?}: delta copies block {end} of {nblocks}",
+                inc.entry.display_path()
+            )));
         }
         let off = start as u64 * *block as u64;
         let len = (end * *block as u64).min(*blen) - off;
         if inc.written + len > inc.entry.size {
-            return Err(SyncError::Protocol(format!("{:?}: more data than its declared size", inc.entry.display_path())));
+            return Err(SyncError::Protocol(format!(
+                "{:?}: more data than its declared size",
+                inc.entry.display_path()
+            )));
         }
-        bf.seek(SeekFrom::Start(off)).ctx("seek", fsops::p(&inc.entry.path))?;
+        bf.seek(SeekFrom::Start(off))
+            .ctx("seek", fsops::p(&inc.entry.path))?;
         let mut buf = vec![0u8; (len as usize).min(4 << 20)];
         let mut left = len;
         while left > 0 {
             let k = left.min(buf.len() as u64) as usize;
-            bf.read_exact(&mut buf[..k]).ctx("read basis", fsops::p(&inc.entry.path))?;
-            inc.file.write_all(&buf[..k]).ctx("write", fsops::p(&inc.entry.path))?;
+            bf.read_exact(&mut buf[..k])
+                .ctx("read basis", fsops::p(&inc.entry.path))?;
+            inc.file
+                .write_all(&buf[..k])
+                .ctx("write", fsops::p(&inc.entry.path))?;
             inc.hasher.update(&buf[..k]);
             left -= k as u64;
         }
@@ -706,7 +849,13 @@ impl<'a> Applier<'a> {
 
     /// End of the incoming file: check size and hash, apply metadata.
     pub(crate) fn file_end(&mut self, inc: Incoming, hash: [u8; 32]) -> Result<()> {
-        let Incoming { mut entry, file, hasher, written, .. } = inc;
+        let Incoming {
+            mut entry,
+            file,
+            hasher,
+            written,
+            ..
+        } = inc;
         // The sender hashes what it actually read (a live file may have
         // changed since its scan); the digest at End covers this hash.
         entry.hash = hash;
@@ -718,9 +867,12 @@ impl<'a> Applier<'a> {
             )));
         }
         if *hasher.finalize().as_bytes() != entry.hash {
-            return Err(SyncError::HashMismatch { path: entry.display_path() });
+            return Err(SyncError::HashMismatch {
+                path: entry.display_path(),
+            });
         }
-        file.set_len(entry.size).ctx("truncate", fsops::p(&entry.path))?;
+        file.set_len(entry.size)
+            .ctx("truncate", fsops::p(&entry.path))?;
         fsops::apply_meta_fd(file.as_fd(), &entry, true)?;
         self.push(entry);
         Ok(())
@@ -731,19 +883,32 @@ impl<'a> Applier<'a> {
     pub(crate) fn finish(mut self, digest: [u8; 32], count: u64) -> Result<(u64, ApplyStats)> {
         let n_old = self.old.as_ref().map(|(_, i)| i.entries.len()).unwrap_or(0);
         while self.cursor < n_old {
-            let e = self.old.as_ref().map(|(_, i)| i.entries[self.cursor].clone());
+            let e = self
+                .old
+                .as_ref()
+                .map(|(_, i)| i.entries[self.cursor].clone());
             self.cursor += 1;
             if let Some(e) = e {
                 self.inherit(e)?;
             }
         }
         for from in &self.linked_old {
-            if self.entries.binary_search_by(|x| key_cmp(&x.path, from)).is_ok() {
-                return Err(SyncError::Protocol(format!("{:?} was used as a rename source but is still in the tree", display(from))));
+            if self
+                .entries
+                .binary_search_by(|x| key_cmp(&x.path, from))
+                .is_ok()
+            {
+                return Err(SyncError::Protocol(format!(
+                    "{:?} was used as a rename source but is still in the tree",
+                    display(from)
+                )));
             }
         }
         if self.entries.len() as u64 != count {
-            return Err(SyncError::Protocol(format!("built {} entries, sender announced {count}", self.entries.len())));
+            return Err(SyncError::Protocol(format!(
+                "built {} entries, sender announced {count}",
+                self.entries.len()
+            )));
         }
         let got = tree_digest(&self.entries);
         if got != digest {

@@ -32,16 +32,27 @@ impl fmt::Display for Difference {
         match self {
             Difference::OnlyInA(p) => write!(f, "only in A: {p}"),
             Difference::OnlyInB(p) => write!(f, "only in B: {p}"),
-            Difference::Attr { path, what, a, b } => write!(f, "{path}: {what} differs (A: {a}, B: {b})"),
+            Difference::Attr { path, what, a, b } => {
+                write!(f, "{path}: {what} differs (A: {a}, B: {b})")
+            }
         }
     }
 }
 
 fn attrs(a: &Entry, b: &Entry, out: &mut Vec<Difference>) {
-    let p = if a.path.is_empty() { ".".to_string() } else { display(&a.path) };
+    let p = if a.path.is_empty() {
+        ".".to_string()
+    } else {
+        display(&a.path)
+    };
     let mut d = |what, x: String, y: String| {
         if x != y {
-            out.push(Difference::Attr { path: p.clone(), what, a: x, b: y });
+            out.push(Difference::Attr {
+                path: p.clone(),
+                what,
+                a: x,
+                b: y,
+            });
         }
     };
     d("type", format!("{:?}", a.kind), format!("{:?}", b.kind));
@@ -53,15 +64,33 @@ fn attrs(a: &Entry, b: &Entry, out: &mut Vec<Difference>) {
     }
     d("uid", a.uid.to_string(), b.uid.to_string());
     d("gid", a.gid.to_string(), b.gid.to_string());
-    d("mtime", format!("{}.{:09}", a.mtime, a.mtime_nsec), format!("{}.{:09}", b.mtime, b.mtime_nsec));
+    d(
+        "mtime",
+        format!("{}.{:09}", a.mtime, a.mtime_nsec),
+        format!("{}.{:09}", b.mtime, b.mtime_nsec),
+    );
     if a.kind == Kind::File {
         d("size", a.size.to_string(), b.size.to_string());
-        d("content", crate::entry::hex(&a.hash), crate::entry::hex(&b.hash));
+        d(
+            "content",
+            crate::entry::hex(&a.hash),
+            crate::entry::hex(&b.hash),
+        );
     }
     d("symlink target", display(&a.target), display(&b.target));
     d("device", a.rdev.to_string(), b.rdev.to_string());
     let xs = |e: &Entry| {
-        e.xattrs.iter().map(|(n, v)| format!("{}={}", display(n), v.iter().map(|c| format!("{c:02x}")).collect::<String>())).collect::<Vec<_>>().join(",")
+        e.xattrs
+            .iter()
+            .map(|(n, v)| {
+                format!(
+                    "{}={}",
+                    display(n),
+                    v.iter().map(|c| format!("{c:02x}")).collect::<String>()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
     };
     d("xattrs", xs(a), xs(b));
     d(
@@ -76,8 +105,16 @@ fn attrs(a: &Entry, b: &Entry, out: &mut Vec<Difference>) {
 /// xattrs, hardlink groups). Empty: the trees are equal.
 pub fn verify(a: &Path, b: &Path) -> Result<Vec<Difference>> {
     // A tree root may be given as a symlink (DIR/NAME of a receiver).
-    let a = std::fs::canonicalize(a).map_err(|e| crate::error::SyncError::Io { op: "resolve", path: a.into(), source: e })?;
-    let b = std::fs::canonicalize(b).map_err(|e| crate::error::SyncError::Io { op: "resolve", path: b.into(), source: e })?;
+    let a = std::fs::canonicalize(a).map_err(|e| crate::error::SyncError::Io {
+        op: "resolve",
+        path: a.into(),
+        source: e,
+    })?;
+    let b = std::fs::canonicalize(b).map_err(|e| crate::error::SyncError::Io {
+        op: "resolve",
+        path: b.into(),
+        source: e,
+    })?;
     let (ia, _) = scan(&a, None)?;
     let (ib, _) = scan(&b, None)?;
     let mut out = Vec::new();

@@ -311,7 +311,9 @@ impl Frame {
                     *b = r.u8()?;
                 }
                 if &m != MAGIC {
-                    return Err(SyncError::Handshake("not a vsha-sync peer (bad magic)".into()));
+                    return Err(SyncError::Handshake(
+                        "not a vsha-sync peer (bad magic)".into(),
+                    ));
                 }
                 let v = u16::from(r.u8()?) | (u16::from(r.u8()?) << 8);
                 if v != VERSION {

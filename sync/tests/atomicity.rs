@@ -41,7 +41,15 @@ async fn cut_round(store: Arc<Store>, src: &std::path::Path, cut: usize, kill: b
         }
         // Dropping both ends cuts the stream.
     });
-    let (r, _) = vsha_sync::send(sa, src.to_path_buf(), "web".into(), None, Default::default(), Default::default()).await;
+    let (r, _) = vsha_sync::send(
+        sa,
+        src.to_path_buf(),
+        "web".into(),
+        None,
+        Default::default(),
+        Default::default(),
+    )
+    .await;
     let _ = proxy.await;
     let rr = recv.await;
     r.is_ok() && matches!(rr, Ok(Ok(_)))
@@ -69,7 +77,11 @@ async fn cut_or_killed_rounds_leave_the_previous_snapshot() {
         let before = pair.store.current("web").unwrap().unwrap();
         let before_disk = disk_digest(&pair.current("web"));
         assert_eq!(before_disk, before.index.digest);
-        let cut = if i < 3 { [0, 1, 13][i] } else { rng.gen_range(0..500_000) };
+        let cut = if i < 3 {
+            [0, 1, 13][i]
+        } else {
+            rng.gen_range(0..500_000)
+        };
         let kill = i % 2 == 1;
         let ok = cut_round(pair.store.clone(), &src, cut, kill).await;
         let after = pair.store.current("web").unwrap().unwrap();
@@ -79,7 +91,11 @@ async fn cut_or_killed_rounds_leave_the_previous_snapshot() {
         } else {
             assert!(after.seq == before.seq || after.seq == before.seq + 1);
             if after.seq == before.seq {
-                assert_eq!(disk_digest(&pair.current("web")), before.index.digest, "cut at {cut} (kill {kill}) changed the snapshot");
+                assert_eq!(
+                    disk_digest(&pair.current("web")),
+                    before.index.digest,
+                    "cut at {cut} (kill {kill}) changed the snapshot"
+                );
             } else {
                 // The cut came after End: the commit is complete and exact.
                 assert_same(&src, &pair.current("web"));
@@ -135,6 +151,15 @@ async fn keeps_n_versions() {
         write(&src.join("f"), format!("{i}").as_bytes());
         pair.round(&src, "web").await.unwrap();
     }
-    let n = std::fs::read_dir(t.path().join("dst/.vsha/web/v")).unwrap().filter(|e| !e.as_ref().unwrap().file_name().to_string_lossy().contains('.')).count();
+    let n = std::fs::read_dir(t.path().join("dst/.vsha/web/v"))
+        .unwrap()
+        .filter(|e| {
+            !e.as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .contains('.')
+        })
+        .count();
     assert_eq!(n, 2);
 }

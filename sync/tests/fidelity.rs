@@ -19,7 +19,11 @@ async fn rich_tree_is_copied_exactly() {
     // Sparse stays sparse; hardlinks across directories share one inode.
     let m = std::fs::metadata(dst.join("var/sparse.img")).unwrap();
     assert_eq!(m.len(), 16 << 20);
-    assert!(m.blocks() * 512 < 4 << 20, "sparse file was filled: {} blocks", m.blocks());
+    assert!(
+        m.blocks() * 512 < 4 << 20,
+        "sparse file was filled: {} blocks",
+        m.blocks()
+    );
     let a = std::fs::metadata(dst.join("bin/busybox")).unwrap().ino();
     assert_eq!(a, std::fs::metadata(dst.join("usr/bin/ls")).unwrap().ino());
     assert_eq!(a, std::fs::metadata(dst.join("bin/sh")).unwrap().ino());
@@ -39,13 +43,18 @@ async fn debootstrap_tree_is_copied_exactly() {
     if !need_root() {
         return;
     }
-    if std::process::Command::new("debootstrap").arg("--version").output().is_err() {
+    if std::process::Command::new("debootstrap")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
         println!("skipped: debootstrap is not installed");
         return;
     }
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("vs1");
-    let mirror = std::env::var("VSHA_DEBIAN_MIRROR").unwrap_or_else(|_| "http://deb.debian.org/debian".into());
+    let mirror = std::env::var("VSHA_DEBIAN_MIRROR")
+        .unwrap_or_else(|_| "http://deb.debian.org/debian".into());
     let out = std::process::Command::new("debootstrap")
         .args(["--variant=minbase", "bookworm"])
         .arg(&src)
@@ -53,7 +62,13 @@ async fn debootstrap_tree_is_copied_exactly() {
         .output()
         .unwrap();
     if !out.status.success() {
-        println!("skipped: debootstrap could not build a tree here: {}", String::from_utf8_lossy(&out.stderr).lines().last().unwrap_or(""));
+        println!(
+            "skipped: debootstrap could not build a tree here: {}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        );
         return;
     }
     let mut pair = Pair::new(&t.path().join("dst"));

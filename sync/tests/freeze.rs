@@ -17,10 +17,16 @@ struct Cgroup {
 
 impl Cgroup {
     fn new() -> Option<Cgroup> {
-        let base = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"].into_iter().map(PathBuf::from).find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.controllers").exists())?;
+        let base = ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .into_iter()
+            .map(PathBuf::from)
+            .find(|p| p.join("cgroup.procs").exists() && p.join("cgroup.controllers").exists())?;
         let dir = base.join(format!("vsha-sync-test-{}", std::process::id()));
         std::fs::create_dir(&dir).ok()?;
-        let child = std::process::Command::new("sleep").arg("600").spawn().unwrap();
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
         let cg = Cgroup { dir, child };
         std::fs::write(cg.dir.join("cgroup.procs"), cg.child.id().to_string()).unwrap();
         Some(cg)
@@ -63,10 +69,24 @@ async fn frozen_final_pass_is_measured_and_bounded() {
         .await
     });
     let opts = vsha_sync::PushOptions {
-        freeze: Some(FreezeConfig { cgroup: cg.dir.clone(), max: Duration::from_secs(60), attempts: 1 }),
+        freeze: Some(FreezeConfig {
+            cgroup: cg.dir.clone(),
+            max: Duration::from_secs(60),
+            attempts: 1,
+        }),
         ..Default::default()
     };
-    let s = vsha_sync::push(&src, &addr, "web", None, opts, std::future::pending(), |_| {}).await.unwrap();
+    let s = vsha_sync::push(
+        &src,
+        &addr,
+        "web",
+        None,
+        opts,
+        std::future::pending(),
+        |_| {},
+    )
+    .await
+    .unwrap();
     let fd = s.freeze_duration.expect("freeze duration reported");
     assert!(fd > Duration::ZERO);
     assert!(!vsha_sync::freeze::is_frozen(&cg.dir), "cgroup left frozen");
@@ -76,10 +96,23 @@ async fn frozen_final_pass_is_measured_and_bounded() {
     // the error says why, and the previous snapshot stays.
     write(&src.join("late"), b"late");
     let opts = vsha_sync::PushOptions {
-        freeze: Some(FreezeConfig { cgroup: cg.dir.clone(), max: Duration::ZERO, attempts: 2 }),
+        freeze: Some(FreezeConfig {
+            cgroup: cg.dir.clone(),
+            max: Duration::ZERO,
+            attempts: 2,
+        }),
         ..Default::default()
     };
-    let e = vsha_sync::push(&src, &addr, "web", None, opts, std::future::pending(), |_| {}).await;
+    let e = vsha_sync::push(
+        &src,
+        &addr,
+        "web",
+        None,
+        opts,
+        std::future::pending(),
+        |_| {},
+    )
+    .await;
     assert!(!vsha_sync::freeze::is_frozen(&cg.dir), "cgroup left frozen");
     match e {
         Err(e) => assert!(e.to_string().contains("freeze"), "{e}"),

@@ -14,7 +14,10 @@ use vsha_sync::wire::{read_frame, Frame, Source};
 use vsha_sync::{Store, SyncError};
 
 /// Feed raw bytes to a receiver; return its result and its replies.
-async fn raw(store: Arc<Store>, bytes: Vec<u8>) -> (vsha_sync::Result<vsha_sync::Received>, Vec<Frame>) {
+async fn raw(
+    store: Arc<Store>,
+    bytes: Vec<u8>,
+) -> (vsha_sync::Result<vsha_sync::Received>, Vec<Frame>) {
     let (mut a, b) = tokio::io::duplex(64 << 20);
     let recv = tokio::spawn(async move { vsha_sync::receive(store, b, None).await });
     a.write_all(&bytes).await.unwrap();
@@ -31,7 +34,11 @@ fn enc(frames: &[Frame]) -> Vec<u8> {
 }
 
 fn hello() -> Frame {
-    Frame::Hello { name: "web".into(), token: vec![], flags: 0 }
+    Frame::Hello {
+        name: "web".into(),
+        token: vec![],
+        flags: 0,
+    }
 }
 
 fn dir(p: &str) -> Entry {
@@ -68,17 +75,38 @@ async fn fixture() -> Fixture {
     let mut pair = Pair::new(&t.path().join("dst"));
     let s = pair.round(&src, "web").await.unwrap();
     let digest = disk_digest(&pair.current("web"));
-    Fixture { src, dst: pair.dst.clone(), outside, store: pair.store.clone(), digest, seq: s.seq, _t: t }
+    Fixture {
+        src,
+        dst: pair.dst.clone(),
+        outside,
+        store: pair.store.clone(),
+        digest,
+        seq: s.seq,
+        _t: t,
+    }
 }
 
 impl Fixture {
     fn intact(&self) {
         let cur = self.store.current("web").unwrap().unwrap();
-        assert_eq!(cur.seq, self.seq, "a refused round changed the current snapshot");
-        assert_eq!(disk_digest(&self.dst.join("web")), self.digest, "snapshot on disk changed");
+        assert_eq!(
+            cur.seq, self.seq,
+            "a refused round changed the current snapshot"
+        );
+        assert_eq!(
+            disk_digest(&self.dst.join("web")),
+            self.digest,
+            "snapshot on disk changed"
+        );
         assert_same(&self.src, &self.dst.join("web"));
-        assert!(std::fs::read_dir(&self.outside).unwrap().next().is_none(), "something was written outside DST");
-        assert!(!self.dst.join(".vsha/web/tmp").exists(), "round leftovers remain");
+        assert!(
+            std::fs::read_dir(&self.outside).unwrap().next().is_none(),
+            "something was written outside DST"
+        );
+        assert!(
+            !self.dst.join(".vsha/web/tmp").exists(),
+            "round leftovers remain"
+        );
         assert!(!Path::new("/etc/x").exists());
     }
 }
@@ -93,15 +121,44 @@ async fn hostile_frames_are_refused() {
     let fx = fixture().await;
     let out = fx.outside.to_string_lossy().into_owned();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("dotdot", enc(&[start(), vec![Frame::Put { entry: file("../x", b"evil"), source: Source::Data }]].concat()), "'..' component"),
-        ("absolute", enc(&[start(), vec![Frame::Put { entry: file("/etc/x", b"evil"), source: Source::Data }]].concat()), "absolute path"),
-        ("delete-dotdot", enc(&[start(), vec![Frame::Delete(b"a/../../x".to_vec())]].concat()), "'..' component"),
+        (
+            "dotdot",
+            enc(&[
+                start(),
+                vec![Frame::Put {
+                    entry: file("../x", b"evil"),
+                    source: Source::Data,
+                }],
+            ]
+            .concat()),
+            "'..' component",
+        ),
+        (
+            "absolute",
+            enc(&[
+                start(),
+                vec![Frame::Put {
+                    entry: file("/etc/x", b"evil"),
+                    source: Source::Data,
+                }],
+            ]
+            .concat()),
+            "absolute path",
+        ),
+        (
+            "delete-dotdot",
+            enc(&[start(), vec![Frame::Delete(b"a/../../x".to_vec())]].concat()),
+            "'..' component",
+        ),
         (
             "write-through-symlink",
             enc(&[
                 start(),
                 vec![
-                    Frame::Put { entry: dir(""), source: Source::None },
+                    Frame::Put {
+                        entry: dir(""),
+                        source: Source::None,
+                    },
                     Frame::Put {
                         entry: {
                             let mut l = Entry::new(b"l".to_vec(), Kind::Symlink);
@@ -111,7 +168,10 @@ async fn hostile_frames_are_refused() {
                         },
                         source: Source::None,
                     },
-                    Frame::Put { entry: file("l/x", b"evil"), source: Source::Data },
+                    Frame::Put {
+                        entry: file("l/x", b"evil"),
+                        source: Source::Data,
+                    },
                     Frame::Data(b"evil".to_vec()),
                     Frame::FileEnd(*blake3::hash(b"evil").as_bytes()),
                 ],
@@ -119,11 +179,25 @@ async fn hostile_frames_are_refused() {
             .concat()),
             "not a directory",
         ),
-        ("huge-length", [enc(&start()), vec![0xff, 0xff, 0xff, 0x7f, 14]].concat(), "exceeds the limit"),
+        (
+            "huge-length",
+            [enc(&start()), vec![0xff, 0xff, 0xff, 0x7f, 14]].concat(),
+            "exceeds the limit",
+        ),
         (
             "truncated",
             {
-                let mut b = enc(&[start(), vec![Frame::Put { entry: file("z", b"0123456789"), source: Source::Data }, Frame::Data(b"01234".to_vec())]].concat());
+                let mut b = enc(&[
+                    start(),
+                    vec![
+                        Frame::Put {
+                            entry: file("z", b"0123456789"),
+                            source: Source::Data,
+                        },
+                        Frame::Data(b"01234".to_vec()),
+                    ],
+                ]
+                .concat());
                 let d = Frame::Data(b"56789".to_vec()).encode();
                 b.extend_from_slice(&d[..d.len() - 2]);
                 b
@@ -135,7 +209,10 @@ async fn hostile_frames_are_refused() {
             enc(&[
                 start(),
                 vec![
-                    Frame::Put { entry: file("z", b"hello"), source: Source::Data },
+                    Frame::Put {
+                        entry: file("z", b"hello"),
+                        source: Source::Data,
+                    },
                     Frame::Data(b"hellp".to_vec()),
                     Frame::FileEnd(*blake3::hash(b"hello").as_bytes()),
                 ],
@@ -143,22 +220,78 @@ async fn hostile_frames_are_refused() {
             .concat()),
             "does not match its declared blake3",
         ),
-        ("bad-digest", enc(&[start(), vec![Frame::End { digest: [9; 32], count: 5 }]].concat()), "tree digest mismatch"),
+        (
+            "bad-digest",
+            enc(&[
+                start(),
+                vec![Frame::End {
+                    digest: [9; 32],
+                    count: 5,
+                }],
+            ]
+            .concat()),
+            "tree digest mismatch",
+        ),
         (
             "more-data-than-declared",
-            enc(&[start(), vec![Frame::Put { entry: file("z", b"abc"), source: Source::Data }, Frame::Data(b"abcdef".to_vec())]].concat()),
+            enc(&[
+                start(),
+                vec![
+                    Frame::Put {
+                        entry: file("z", b"abc"),
+                        source: Source::Data,
+                    },
+                    Frame::Data(b"abcdef".to_vec()),
+                ],
+            ]
+            .concat()),
             "more data than its declared size",
         ),
-        ("out-of-order", enc(&[start(), vec![Frame::Put { entry: dir("b"), source: Source::None }, Frame::Put { entry: dir("a"), source: Source::None }]].concat()), "out of order"),
-        ("delete-missing", enc(&[start(), vec![Frame::Delete(b"nope".to_vec())]].concat()), "does not hold"),
-        ("bad-name", enc(&[Frame::Hello { name: "../web".into(), token: vec![], flags: 0 }]), "refused name"),
+        (
+            "out-of-order",
+            enc(&[
+                start(),
+                vec![
+                    Frame::Put {
+                        entry: dir("b"),
+                        source: Source::None,
+                    },
+                    Frame::Put {
+                        entry: dir("a"),
+                        source: Source::None,
+                    },
+                ],
+            ]
+            .concat()),
+            "out of order",
+        ),
+        (
+            "delete-missing",
+            enc(&[start(), vec![Frame::Delete(b"nope".to_vec())]].concat()),
+            "does not hold",
+        ),
+        (
+            "bad-name",
+            enc(&[Frame::Hello {
+                name: "../web".into(),
+                token: vec![],
+                flags: 0,
+            }]),
+            "refused name",
+        ),
         (
             "delta-copy-out-of-range",
             enc(&[
                 start(),
                 vec![
-                    Frame::Put { entry: file("etc/passwd", b"x"), source: Source::Delta(b"etc/passwd".to_vec()) },
-                    Frame::Copy { start: 0, count: 1000 },
+                    Frame::Put {
+                        entry: file("etc/passwd", b"x"),
+                        source: Source::Delta(b"etc/passwd".to_vec()),
+                    },
+                    Frame::Copy {
+                        start: 0,
+                        count: 1000,
+                    },
                 ],
             ]
             .concat()),
@@ -170,9 +303,15 @@ async fn hostile_frames_are_refused() {
         let (r, replies) = raw(fx.store.clone(), bytes).await;
         let err = r.expect_err(name);
         let msg = err.to_string();
-        assert!(msg.contains(want), "{name}: error {msg:?} does not say {want:?}");
+        assert!(
+            msg.contains(want),
+            "{name}: error {msg:?} does not say {want:?}"
+        );
         if !matches!(err, SyncError::Truncated(_) | SyncError::Stream(_)) {
-            assert!(replies.iter().any(|f| matches!(f, Frame::Refused(_))), "{name}: no Refused frame sent");
+            assert!(
+                replies.iter().any(|f| matches!(f, Frame::Refused(_))),
+                "{name}: no Refused frame sent"
+            );
         }
         fx.intact();
     }
@@ -184,8 +323,18 @@ async fn bad_token_is_refused() {
     let store = Arc::new(Store::open(&t.path().join("dst"), 2).unwrap());
     let (mut a, b) = tokio::io::duplex(1 << 16);
     let st = store.clone();
-    let recv = tokio::spawn(async move { vsha_sync::receive(st, b, Some(b"secret".to_vec())).await });
-    a.write_all(&Frame::Hello { name: "web".into(), token: b"guess".to_vec(), flags: 0 }.encode()).await.unwrap();
+    let recv =
+        tokio::spawn(async move { vsha_sync::receive(st, b, Some(b"secret".to_vec())).await });
+    a.write_all(
+        &Frame::Hello {
+            name: "web".into(),
+            token: b"guess".to_vec(),
+            flags: 0,
+        }
+        .encode(),
+    )
+    .await
+    .unwrap();
     let err = recv.await.unwrap().unwrap_err();
     assert!(matches!(err, SyncError::BadToken), "{err}");
     assert!(store.current("web").unwrap().is_none());
@@ -204,14 +353,38 @@ async fn random_bit_flips_never_corrupt_a_snapshot() {
     std::os::unix::fs::symlink("sh", src.join("bin/ash")).unwrap();
     std::fs::hard_link(src.join("bin/sh"), src.join("bin/bash")).unwrap();
     let (a, mut b) = tokio::io::duplex(8 << 20);
-    let send = tokio::spawn(vsha_sync::send(a, src.clone(), "web".into(), None, Default::default(), Default::default()));
+    let send = tokio::spawn(vsha_sync::send(
+        a,
+        src.clone(),
+        "web".into(),
+        None,
+        Default::default(),
+        Default::default(),
+    ));
     let mut rec = Vec::new();
     while let Some((f, _)) = read_frame(&mut b).await.unwrap() {
         rec.extend(f.encode());
         match f {
-            Frame::Hello { .. } => b.write_all(&Frame::Welcome { digest: [0; 32], seq: 0 }.encode()).await.unwrap(),
+            Frame::Hello { .. } => b
+                .write_all(
+                    &Frame::Welcome {
+                        digest: [0; 32],
+                        seq: 0,
+                    }
+                    .encode(),
+                )
+                .await
+                .unwrap(),
             Frame::End { .. } => {
-                b.write_all(&Frame::Committed { seq: 1, unified_bytes: 0 }.encode()).await.unwrap();
+                b.write_all(
+                    &Frame::Committed {
+                        seq: 1,
+                        unified_bytes: 0,
+                    }
+                    .encode(),
+                )
+                .await
+                .unwrap();
                 break;
             }
             _ => {}
@@ -236,7 +409,10 @@ async fn random_bit_flips_never_corrupt_a_snapshot() {
         assert!(!dst.join(".vsha/web/tmp").exists());
         std::fs::remove_dir_all(&dst).unwrap();
     }
-    assert!(refused >= 30, "only {refused} of 40 flipped streams were refused");
+    assert!(
+        refused >= 30,
+        "only {refused} of 40 flipped streams were refused"
+    );
     // The unflipped recording commits and is exact.
     let dst = t.path().join("dst-clean");
     let store = Arc::new(Store::open(&dst, 2).unwrap());

@@ -12,7 +12,10 @@ async fn every_kind_of_change_is_replicated_in_one_round() {
     let src = t.path().join("src");
     rich_tree(&src);
     for i in 0..50 {
-        write(&src.join(format!("data/d{}/f{i}", i % 5)), format!("file {i}").as_bytes());
+        write(
+            &src.join(format!("data/d{}/f{i}", i % 5)),
+            format!("file {i}").as_bytes(),
+        );
     }
     let mut pair = Pair::new(&t.path().join("dst"));
     let first = pair.round(&src, "web").await.unwrap();
@@ -28,10 +31,18 @@ async fn every_kind_of_change_is_replicated_in_one_round() {
     write(&src.join("data/d0/f0"), b"edited content");
     {
         use std::io::Write;
-        let mut f = std::fs::OpenOptions::new().append(true).open(src.join("data/d1/f1")).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(src.join("data/d1/f1"))
+            .unwrap();
         f.write_all(b" appended").unwrap();
     }
-    std::fs::OpenOptions::new().write(true).open(src.join("data/d2/f2")).unwrap().set_len(2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(src.join("data/d2/f2"))
+        .unwrap()
+        .set_len(2)
+        .unwrap();
     std::fs::rename(src.join("data/d3/f3"), src.join("data/d4/renamed")).unwrap();
     std::fs::rename(src.join("data/d3"), src.join("data/d3-moved")).unwrap();
     std::fs::remove_file(src.join("data/d4/f4")).unwrap();
@@ -70,7 +81,9 @@ async fn small_change_in_large_file_sends_a_delta() {
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("src");
     let size = 16usize << 20;
-    let data: Vec<u8> = (0..size as u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8).collect();
+    let data: Vec<u8> = (0..size as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
     write(&src.join("disk.img"), &data);
     let mut pair = Pair::new(&t.path().join("dst"));
     let first = pair.round(&src, "vm").await.unwrap();
@@ -85,9 +98,17 @@ async fn small_change_in_large_file_sends_a_delta() {
     let s = pair.round(&src, "vm").await.unwrap();
     assert_same(&src, &pair.current("vm"));
     let wire = s.bytes_sent + s.bytes_received;
-    assert!(wire < (size / 20) as u64, "delta sent {wire} bytes for a {size}-byte file");
+    assert!(
+        wire < (size / 20) as u64,
+        "delta sent {wire} bytes for a {size}-byte file"
+    );
     assert!(s.matched_bytes > (size as u64) * 9 / 10, "{s:?}");
     let got = std::fs::read(pair.current("vm").join("disk.img")).unwrap();
     assert_eq!(blake3::hash(&got), blake3::hash(&d2));
-    assert_eq!(std::fs::metadata(pair.current("vm").join("disk.img")).unwrap().len(), d2.len() as u64);
+    assert_eq!(
+        std::fs::metadata(pair.current("vm").join("disk.img"))
+            .unwrap()
+            .len(),
+        d2.len() as u64
+    );
 }

@@ -14,13 +14,19 @@ async fn journal_rounds_rescan_only_changed_dirs() {
     let src = t.path().join("src");
     rich_tree(&src);
     for i in 0..40 {
-        write(&src.join(format!("data/d{}/f{i}", i % 4)), format!("file {i}").as_bytes());
+        write(
+            &src.join(format!("data/d{}/f{i}", i % 4)),
+            format!("file {i}").as_bytes(),
+        );
     }
     let mut pair = Pair::new(&t.path().join("dst"));
     pair.opts.journal = true;
     let first = pair.round(&src, "web").await.unwrap();
     assert!(first.full_scan);
-    assert_eq!(first.journal_fallbacks, 0, "fanotify unavailable on this kernel?");
+    assert_eq!(
+        first.journal_fallbacks, 0,
+        "fanotify unavailable on this kernel?"
+    );
 
     write(&src.join("data/d0/f0"), b"edited");
     write(&src.join("data/new/deep/file"), b"new");

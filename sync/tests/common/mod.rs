@@ -24,7 +24,10 @@ pub fn need_root() -> bool {
 }
 
 pub fn init_tracing() {
-    let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_test_writer().try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
 }
 
 pub fn write(p: &Path, data: &[u8]) {
@@ -39,8 +42,14 @@ pub fn set_mtime(p: &Path, sec: i64, nsec: i64) {
         CWD,
         p,
         &Timestamps {
-            last_access: Timespec { tv_sec: sec, tv_nsec: nsec },
-            last_modification: Timespec { tv_sec: sec, tv_nsec: nsec },
+            last_access: Timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            },
+            last_modification: Timespec {
+                tv_sec: sec,
+                tv_nsec: nsec,
+            },
         },
         AtFlags::SYMLINK_NOFOLLOW,
     )
@@ -52,7 +61,14 @@ pub fn chmod(p: &Path, mode: u32) {
 }
 
 pub fn lchown(p: &Path, uid: u32, gid: u32) {
-    rustix::fs::chownat(CWD, p, Some(rustix::fs::Uid::from_raw(uid)), Some(rustix::fs::Gid::from_raw(gid)), AtFlags::SYMLINK_NOFOLLOW).unwrap();
+    rustix::fs::chownat(
+        CWD,
+        p,
+        Some(rustix::fs::Uid::from_raw(uid)),
+        Some(rustix::fs::Gid::from_raw(gid)),
+        AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
 }
 
 pub fn setxattr(p: &Path, name: &str, v: &[u8]) {
@@ -73,7 +89,13 @@ pub fn cap_net_raw() -> Vec<u8> {
 /// A POSIX access ACL: user::rwx, user:4321:r--, group::r-x, mask::r-x, other::r--.
 pub fn acl() -> Vec<u8> {
     let mut v = 2u32.to_le_bytes().to_vec();
-    for (tag, perm, id) in [(1u16, 7u16, u32::MAX), (2, 4, 4321), (4, 5, u32::MAX), (0x10, 5, u32::MAX), (0x20, 4, u32::MAX)] {
+    for (tag, perm, id) in [
+        (1u16, 7u16, u32::MAX),
+        (2, 4, 4321),
+        (4, 5, u32::MAX),
+        (0x10, 5, u32::MAX),
+        (0x20, 4, u32::MAX),
+    ] {
         v.extend_from_slice(&tag.to_le_bytes());
         v.extend_from_slice(&perm.to_le_bytes());
         v.extend_from_slice(&id.to_le_bytes());
@@ -87,7 +109,9 @@ pub fn rich_tree(root: &Path) {
     write(&root.join("etc/hostname"), b"web\n");
     write(&root.join("empty"), b"");
     // Large (3 MiB, not sparse) and sparse (1 MiB data at 8 MiB in a 16 MiB file).
-    let big: Vec<u8> = (0..3 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..3 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     write(&root.join("var/big.bin"), &big);
     {
         let f = std::fs::File::create(root.join("var/sparse.img")).unwrap();
@@ -112,7 +136,10 @@ pub fn rich_tree(root: &Path) {
     std::fs::create_dir_all(root.join("tmp")).unwrap();
     chmod(&root.join("tmp"), 0o1777);
     // Odd filenames.
-    write(&root.join(OsStr::from_bytes(b"etc/na\xffme with spaces\n")), b"x");
+    write(
+        &root.join(OsStr::from_bytes(b"etc/na\xffme with spaces\n")),
+        b"x",
+    );
     // Nanosecond mtimes.
     set_mtime(&root.join("etc/hostname"), 1_600_000_000, 123_456_789);
     // user.* xattrs, an ACL.
@@ -120,8 +147,16 @@ pub fn rich_tree(root: &Path) {
     setxattr(&root.join("etc"), "user.dir", b"yes");
     if is_root() {
         write(&root.join("bin/ping"), b"ping");
-        setxattr(&root.join("bin/ping"), "security.capability", &cap_net_raw());
-        setxattr(&root.join("etc/hostname"), "system.posix_acl_access", &acl());
+        setxattr(
+            &root.join("bin/ping"),
+            "security.capability",
+            &cap_net_raw(),
+        );
+        setxattr(
+            &root.join("etc/hostname"),
+            "system.posix_acl_access",
+            &acl(),
+        );
         // Ids with no name on the host.
         write(&root.join("home/ghost/file"), b"boo");
         lchown(&root.join("home/ghost/file"), 54321, 54322);
@@ -129,10 +164,31 @@ pub fn rich_tree(root: &Path) {
         lchown(&root.join("etc/dangling"), 54323, 54324);
         // Devices.
         std::fs::create_dir_all(root.join("dev")).unwrap();
-        rustix::fs::mknodat(CWD, &root.join("dev/null"), rustix::fs::FileType::CharacterDevice, Mode::from_raw_mode(0o666), rustix::fs::makedev(1, 3)).unwrap();
-        rustix::fs::mknodat(CWD, &root.join("dev/vda9"), rustix::fs::FileType::BlockDevice, Mode::from_raw_mode(0o660), rustix::fs::makedev(254, 9)).unwrap();
+        rustix::fs::mknodat(
+            CWD,
+            root.join("dev/null"),
+            rustix::fs::FileType::CharacterDevice,
+            Mode::from_raw_mode(0o666),
+            rustix::fs::makedev(1, 3),
+        )
+        .unwrap();
+        rustix::fs::mknodat(
+            CWD,
+            root.join("dev/vda9"),
+            rustix::fs::FileType::BlockDevice,
+            Mode::from_raw_mode(0o660),
+            rustix::fs::makedev(254, 9),
+        )
+        .unwrap();
     }
-    rustix::fs::mknodat(CWD, &root.join("fifo"), rustix::fs::FileType::Fifo, Mode::from_raw_mode(0o640), 0).unwrap();
+    rustix::fs::mknodat(
+        CWD,
+        root.join("fifo"),
+        rustix::fs::FileType::Fifo,
+        Mode::from_raw_mode(0o640),
+        0,
+    )
+    .unwrap();
     {
         let l = std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap();
         drop(l);
@@ -152,7 +208,11 @@ pub fn rsync_diff(src: &Path, dst: &Path) -> String {
         .arg(format!("{}/", dst.display()))
         .output()
         .expect("rsync must be installed (scripts/apt-packages)");
-    assert!(out.status.success(), "rsync failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "rsync failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -160,7 +220,14 @@ pub fn assert_same(src: &Path, dst: &Path) {
     let d = rsync_diff(src, dst);
     assert!(d.trim().is_empty(), "rsync oracle sees differences:\n{d}");
     let v = vsha_sync::verify(src, dst).unwrap();
-    assert!(v.is_empty(), "verify sees differences:\n{}", v.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"));
+    assert!(
+        v.is_empty(),
+        "verify sees differences:\n{}",
+        v.iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
 }
 
 /// A receiver and a sender connected over in-process streams.
@@ -186,7 +253,15 @@ impl Pair {
         let (a, b) = tokio::io::duplex(1 << 20);
         let store = self.store.clone();
         let recv = tokio::spawn(async move { vsha_sync::receive(store, b, None).await });
-        let (r, st) = vsha_sync::send(a, src.to_path_buf(), name.to_string(), None, self.opts.clone(), self.state.take().unwrap_or_default()).await;
+        let (r, st) = vsha_sync::send(
+            a,
+            src.to_path_buf(),
+            name.to_string(),
+            None,
+            self.opts.clone(),
+            self.state.take().unwrap_or_default(),
+        )
+        .await;
         self.state = Some(st);
         let rr = recv.await.unwrap();
         match (r, rr) {
