@@ -1,1 +1,16 @@
-//! vsha-agent
+//! vsha-agent: `vshad`, the agent that holds a Raft replica of the cluster
+//! state, and `vsha`, the operator's CLI. See docs/ARCHITECTURE.md.
+
+pub mod agent;
+pub mod api;
+pub mod command;
+pub mod config;
+pub mod liveness;
+pub mod model;
+pub mod peer_client;
+pub mod raft_loop;
+pub mod raft_node;
+pub mod state;
+pub mod submit;
+pub mod transport;
+pub mod validate;

@@ -1,1 +1,110 @@
-fn main() {}
+//! vshad: the vsha agent. Thin: parse flags, load the config (exit 64 when
+//! it is bad), bind, run until SIGTERM or SIGINT.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::signal::unix::{signal, SignalKind};
+use vsha_agent::config::{AgentConfig, LogFormat, Overrides, DEFAULT_CONFIG_PATH};
+
+/// EX_CONFIG from sysexits.h: the configuration is unusable.
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser, Debug)]
+#[command(name = "vshad", version, about = "The vsha agent: one per node")]
+struct Args {
+    /// Configuration file (TOML; see docs/config.md).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// This node's id (1 or more), unique in the cluster.
+    #[arg(long, value_name = "N")]
+    node_id: Option<u64>,
+    /// Address for the gRPC server (operators and peers).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Address peers use to reach this node (default: --listen).
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise: Option<String>,
+    /// Where the raft log and snapshots live.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Bootstrap a new cluster from these voters: ID=HOST:PORT,...
+    #[arg(long, value_name = "ID=HOST:PORT,...")]
+    initial_cluster: Option<String>,
+    /// Join an existing cluster through this member (after `vsha node add`).
+    #[arg(long, value_name = "HOST:PORT")]
+    join: Option<String>,
+    /// Log format: human or json.
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("VSHA_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,raft=warn,raft_engine=warn,h2=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let (path, explicit) = match &args.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+    };
+    let overrides = Overrides {
+        node_id: args.node_id,
+        listen: args.listen,
+        advertise: args.advertise,
+        data_dir: args.data_dir,
+        initial_cluster: args.initial_cluster,
+        join: args.join,
+        log_format: args.log_format,
+    };
+    let cfg = match AgentConfig::load(&path, explicit, overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("vshad: bad configuration: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    init_logging(cfg.log_format);
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vshad: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(serve(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("vshad: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+    };
+    vsha_agent::agent::run(cfg, listener, shutdown).await?;
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! Wires one agent together: raft thread, transport, heartbeats and the
+//! gRPC server. The listener and the shutdown signal come from the caller,
+//! so tests run agents on 127.0.0.x:0 and stop them at will.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use vsha_proto::v1::cluster_server::ClusterServer;
+use vsha_proto::v1::peer_server::PeerServer;
+use vsha_proto::v1::JoinRequest;
+
+use crate::api::cluster::ClusterApi;
+use crate::api::peer::PeerApi;
+use crate::config::AgentConfig;
+use crate::liveness::{self, Liveness};
+use crate::peer_client::{PeerClients, MAX_MESSAGE};
+use crate::raft_loop;
+use crate::raft_node::{CoreConfig, RaftCore, RaftError};
+use crate::submit::Submitter;
+use crate::transport;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Raft(#[from] RaftError),
+    #[error("data dir {0} holds no cluster state: start with --initial-cluster to create a cluster, or --join HOST:PORT after `vsha node add`")]
+    NoClusterState(String),
+    #[error("joining through {addr}: {reason}")]
+    Join { addr: String, reason: String },
+    #[error("could not start the raft thread: {0}")]
+    Thread(std::io::Error),
+    #[error("gRPC server: {0}")]
+    Server(String),
+    #[error("raft thread stopped: {0}")]
+    RaftStopped(String),
+}
+
+pub async fn run(
+    cfg: AgentConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    let core_cfg = CoreConfig {
+        id: cfg.node_id,
+        election_tick: cfg.election_ticks,
+        heartbeat_tick: cfg.heartbeat_ticks,
+        snapshot_interval: cfg.snapshot_interval,
+        max_voters: cfg.max_voters,
+    };
+    let raft_dir = cfg.data_dir.join("raft");
+    let core = RaftCore::open(core_cfg, &raft_dir, cfg.initial_cluster.as_deref())?;
+    let peers = PeerClients::default();
+    let mut join_members = Vec::new();
+    if core.is_fresh() {
+        let Some(addr) = cfg.join.clone() else {
+            return Err(AgentError::NoClusterState(
+                cfg.data_dir.display().to_string(),
+            ));
+        };
+        join_members = join(&peers, &addr, cfg.node_id, &cfg.advertise).await?;
+    } else if cfg.join.is_some() {
+        tracing::info!("this node already holds cluster state; --join is ignored");
+    }
+    let spawned = raft_loop::spawn(core, cfg.tick).map_err(AgentError::Thread)?;
+    let raft = spawned.handle.clone();
+    for (id, addr) in join_members {
+        raft.learn_address(id, &addr);
+    }
+    let liveness = Liveness::default();
+    let me = transport::Me {
+        id: cfg.node_id,
+        addr: cfg.advertise.clone(),
+    };
+    let transport_task = tokio::spawn(transport::run(
+        raft.clone(),
+        peers.clone(),
+        me,
+        spawned.outgoing,
+    ));
+    let heartbeat_task = tokio::spawn(liveness::heartbeat_loop(
+        raft.clone(),
+        peers.clone(),
+        liveness.clone(),
+        cfg.advertise.clone(),
+        cfg.heartbeat_interval,
+    ));
+    let cluster = ClusterApi {
+        raft: raft.clone(),
+        submitter: Submitter::new(raft.clone(), peers.clone()),
+        liveness: liveness.clone(),
+        liveness_timeout: cfg.liveness_timeout,
+    };
+    let peer = PeerApi {
+        raft: raft.clone(),
+        liveness,
+    };
+    tracing::info!(node = cfg.node_id, listen = %cfg.listen, advertise = %cfg.advertise, "vshad serving");
+    let server = tonic::transport::Server::builder()
+        .add_service(
+            ClusterServer::new(cluster)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .add_service(
+            PeerServer::new(peer)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+    let mut done = spawned.done;
+    let result = tokio::select! {
+        r = server => r.map_err(|e| AgentError::Server(e.to_string())),
+        r = &mut done => match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(AgentError::RaftStopped(e)),
+            Err(_) => Err(AgentError::RaftStopped("raft thread vanished".into())),
+        },
+    };
+    heartbeat_task.abort();
+    transport_task.abort();
+    raft.shutdown();
+    // Wait for the raft thread so its last fsync is done before we exit.
+    let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
+    tracing::info!(node = cfg.node_id, "vshad stopped");
+    result
+}
+
+/// Asks a member whether we were added and who the members are. Retries
+/// while the cluster is unreachable; gives up at once when refused.
+async fn join(
+    peers: &PeerClients,
+    addr: &str,
+    id: u64,
+    my_addr: &str,
+) -> Result<Vec<(u64, String)>, AgentError> {
+    let err = |reason: String| AgentError::Join {
+        addr: addr.to_string(),
+        reason,
+    };
+    let mut last = String::new();
+    for attempt in 0..30 {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut client = peers.client(addr).map_err(|e| err(e.to_string()))?;
+        let mut req = tonic::Request::new(JoinRequest {
+            node_id: id,
+            addr: my_addr.to_string(),
+        });
+        req.set_timeout(Duration::from_secs(5));
+        match client.join(req).await {
+            Ok(resp) => {
+                let r = resp.into_inner();
+                tracing::info!(cluster = %r.cluster_id, leader = r.leader_id, "joined; waiting for the leader to send the state");
+                return Ok(r.members.into_iter().map(|m| (m.id, m.addr)).collect());
+            }
+            Err(s) if s.code() == tonic::Code::FailedPrecondition => {
+                return Err(err(s.message().to_string()))
+            }
+            Err(s) => {
+                last = s.message().to_string();
+                tracing::warn!(%addr, error = %last, "join attempt failed; retrying");
+            }
+        }
+    }
+    Err(err(format!("no answer after 30 attempts: {last}")))
+}

@@ -1,0 +1,399 @@
+//! vsha: the operator's CLI. Exit codes: 0 ok, 1 error, 2 usage.
+
+mod client;
+mod demo;
+mod output;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use vsha_proto::v1 as pb;
+
+use client::{connect, explain, DEFAULT_ENDPOINT};
+
+#[derive(Parser, Debug)]
+#[command(name = "vsha", version, about = "Operate a vsha cluster")]
+struct Cli {
+    /// The agent to talk to.
+    #[arg(long, global = true, env = "VSHA_ENDPOINT", default_value = DEFAULT_ENDPOINT, value_name = "HOST:PORT")]
+    endpoint: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Show the cluster: leader, term, nodes, vservers.
+    Status {
+        #[arg(long)]
+        json: bool,
+        /// Answer from the agent's local state without asking the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Cluster members.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Vservers known to the cluster.
+    #[command(subcommand)]
+    Vserver(VserverCmd),
+    /// Failover pairs (ordered nodes a vserver may run on).
+    #[command(subcommand)]
+    Pair(PairCmd),
+    /// Start a 3-node cluster on this machine and show it working.
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeCmd {
+    /// Add a node; start it afterwards with `vshad --join`.
+    Add {
+        id: u64,
+        /// The new node's gRPC address.
+        addr: String,
+        /// Keep it a non-voting learner.
+        #[arg(long, conflicts_with = "witness")]
+        learner: bool,
+        /// A voter that runs no vservers.
+        #[arg(long)]
+        witness: bool,
+        /// Interface that carries vserver IPs on this node.
+        #[arg(long, value_name = "DEV")]
+        iface: Option<String>,
+    },
+    /// Remove a node from the cluster.
+    Rm { id: u64 },
+    /// List nodes.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Set a node's admin state.
+    Admin { id: u64, state: AdminArg },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum AdminArg {
+    Active,
+    Draining,
+    Maintenance,
+}
+
+#[derive(Subcommand, Debug)]
+enum VserverCmd {
+    /// Record a vserver in the cluster (running it comes with failover).
+    Add(VserverAdd),
+    /// Remove a vserver from the cluster.
+    Rm { name: String },
+    /// List the cluster's vservers.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        stale: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct VserverAdd {
+    name: String,
+    /// IPV4 or IPV4/PREFIX (prefix defaults to 24).
+    #[arg(long, value_name = "IPV4[/PREFIX]")]
+    ip: String,
+    /// Interface that carries the IP (IPROOTDEV).
+    #[arg(long, value_name = "DEV")]
+    dev: Option<String>,
+    /// The vserver's tree (default /var/lib/vsha/vservers/NAME).
+    #[arg(long, value_name = "PATH")]
+    tree: Option<String>,
+    #[arg(long)]
+    hostname: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum PairCmd {
+    /// Define where a vserver may run, in order of preference.
+    Add {
+        vserver: String,
+        #[arg(long, value_name = "NODE")]
+        primary: u64,
+        #[arg(long, value_name = "NODE", required = true)]
+        standby: Vec<u64>,
+        #[arg(long, value_enum, default_value = "never")]
+        failback: FailbackArg,
+        /// With --failback auto: seconds the primary must be stable.
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        failback_after: u64,
+    },
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    Rm {
+        vserver: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum FailbackArg {
+    Never,
+    Auto,
+    Manual,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("vsha: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vsha: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(v).context("encoding JSON")?
+    );
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let ep = cli.endpoint.clone();
+    let e = |s: tonic::Status| explain(&ep, s);
+    if let Cmd::Demo(args) = cli.cmd {
+        return demo::run(args).await;
+    }
+    let mut c = connect(&cli.endpoint).await?;
+    match cli.cmd {
+        Cmd::Demo(_) => unreachable!("handled above"),
+        Cmd::Status { json, stale } => {
+            let s = c
+                .status(pb::StatusRequest { stale })
+                .await
+                .map_err(e)?
+                .into_inner();
+            let j = output::status_json(&s);
+            if json {
+                print_json(&j)?;
+            } else {
+                print!("{}", output::status_human(&j));
+            }
+        }
+        Cmd::Node(NodeCmd::Add {
+            id,
+            addr,
+            learner,
+            witness,
+            iface,
+        }) => {
+            let role = if learner {
+                pb::NodeRole::Learner
+            } else if witness {
+                pb::NodeRole::Witness
+            } else {
+                pb::NodeRole::Voter
+            };
+            c.add_node(pb::AddNodeRequest {
+                id,
+                addr: addr.clone(),
+                role: role as i32,
+                iface: iface.unwrap_or_default(),
+            })
+            .await
+            .map_err(e)?;
+            println!(
+                "node {id} added as {}; start it with: vshad --node-id {id} --listen {addr} --data-dir DIR --join {}",
+                output::role(role as i32),
+                cli.endpoint
+            );
+        }
+        Cmd::Node(NodeCmd::Rm { id }) => {
+            c.remove_node(pb::RemoveNodeRequest { id })
+                .await
+                .map_err(e)?;
+            println!("node {id} removed");
+        }
+        Cmd::Node(NodeCmd::List { json, stale }) => {
+            let nodes = c
+                .list_nodes(pb::ListNodesRequest { stale })
+                .await
+                .map_err(e)?
+                .into_inner()
+                .nodes;
+            let nodes: Vec<_> = nodes.iter().map(output::node_json).collect();
+            if json {
+                print_json(&nodes)?;
+            } else {
+                print!("{}", output::nodes_table(&nodes));
+            }
+        }
+        Cmd::Node(NodeCmd::Admin { id, state }) => {
+            let admin = match state {
+                AdminArg::Active => pb::AdminState::Active,
+                AdminArg::Draining => pb::AdminState::Draining,
+                AdminArg::Maintenance => pb::AdminState::Maintenance,
+            };
+            c.set_node_admin(pb::SetNodeAdminRequest {
+                id,
+                admin: admin as i32,
+            })
+            .await
+            .map_err(e)?;
+            println!("node {id} is now {}", output::admin(admin as i32));
+        }
+        Cmd::Vserver(VserverCmd::Add(a)) => {
+            let (ip, prefix) = match a.ip.split_once('/') {
+                Some((ip, p)) => (
+                    ip.to_string(),
+                    p.parse::<u32>().map_err(|_| {
+                        anyhow::anyhow!("invalid prefix: {p:?} is not a number from 1 to 32")
+                    })?,
+                ),
+                None => (a.ip.clone(), 0),
+            };
+            let spec = pb::VserverSpec {
+                name: a.name.clone(),
+                ip,
+                prefix,
+                dev: a.dev.unwrap_or_default(),
+                tree: a.tree.unwrap_or_default(),
+                hostname: a.hostname.unwrap_or_default(),
+                ..Default::default()
+            };
+            let info = c
+                .add_vserver(pb::AddVserverRequest { spec: Some(spec) })
+                .await
+                .map_err(e)?
+                .into_inner();
+            let v = output::vserver_json(&info);
+            println!(
+                "vserver {} recorded: {}/{} tree {}",
+                v.name, v.ip, v.prefix, v.tree
+            );
+        }
+        Cmd::Vserver(VserverCmd::Rm { name }) => {
+            c.remove_vserver(pb::RemoveVserverRequest { name: name.clone() })
+                .await
+                .map_err(e)?;
+            println!("vserver {name} removed");
+        }
+        Cmd::Vserver(VserverCmd::List { json, stale }) => {
+            let vs = c
+                .list_vservers(pb::ListVserversRequest { stale })
+                .await
+                .map_err(e)?
+                .into_inner()
+                .vservers;
+            let vs: Vec<_> = vs.iter().map(output::vserver_json).collect();
+            if json {
+                print_json(&vs)?;
+            } else {
+                print!("{}", output::vservers_table(&vs));
+            }
+        }
+        Cmd::Pair(PairCmd::Add {
+            vserver,
+            primary,
+            standby,
+            failback,
+            failback_after,
+        }) => {
+            let mut nodes = vec![primary];
+            nodes.extend(standby);
+            let failback = match failback {
+                FailbackArg::Never => pb::Failback::Never,
+                FailbackArg::Auto => pb::Failback::Auto,
+                FailbackArg::Manual => pb::Failback::Manual,
+            };
+            c.set_pair(pb::SetPairRequest {
+                vserver: vserver.clone(),
+                group: Some(pb::FailoverGroup {
+                    nodes: nodes.clone(),
+                    failback: failback as i32,
+                    failback_stable_ms: failback_after * 1000,
+                }),
+            })
+            .await
+            .map_err(e)?;
+            let order: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+            println!(
+                "vserver {vserver} may run on nodes {} (in that order)",
+                order.join(" > ")
+            );
+        }
+        Cmd::Pair(PairCmd::List { json }) => {
+            let pairs = c
+                .list_pairs(pb::ListPairsRequest { stale: false })
+                .await
+                .map_err(e)?
+                .into_inner()
+                .pairs;
+            let rows: Vec<(String, output::PairJson)> = pairs
+                .iter()
+                .map(|p| {
+                    let g = p.group.clone().unwrap_or_default();
+                    (
+                        p.vserver.clone(),
+                        output::PairJson {
+                            nodes: g.nodes,
+                            failback: output::failback(g.failback),
+                            failback_stable_ms: g.failback_stable_ms,
+                        },
+                    )
+                })
+                .collect();
+            if json {
+                let v: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(name, p)| serde_json::json!({"vserver": name, "nodes": p.nodes, "failback": p.failback, "failback_stable_ms": p.failback_stable_ms}))
+                    .collect();
+                print_json(&v)?;
+            } else {
+                let table: Vec<Vec<String>> = rows
+                    .iter()
+                    .map(|(name, p)| {
+                        vec![
+                            name.clone(),
+                            p.nodes.first().map(|n| n.to_string()).unwrap_or_default(),
+                            p.nodes[1.min(p.nodes.len())..]
+                                .iter()
+                                .map(|n| n.to_string())
+                                .collect::<Vec<_>>()
+                                .join(","),
+                            p.failback.to_string(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    output::table(&["VSERVER", "PRIMARY", "STANDBYS", "FAILBACK"], &table)
+                );
+            }
+        }
+        Cmd::Pair(PairCmd::Rm { vserver }) => {
+            c.remove_pair(pb::RemovePairRequest {
+                vserver: vserver.clone(),
+            })
+            .await
+            .map_err(e)?;
+            println!("pair of {vserver} removed");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,276 @@
+//! What the CLI prints: human tables, and the documented JSON schema
+//! (docs/cli.md). JSON field names are a stable contract.
+
+use serde::Serialize;
+use vsha_proto::v1 as pb;
+
+#[derive(Serialize)]
+pub struct StatusJson {
+    pub cluster_id: String,
+    /// Node id of the leader; 0 when none is known.
+    pub leader: u64,
+    pub leader_addr: String,
+    pub term: u64,
+    pub commit_index: u64,
+    pub served_by: u64,
+    pub stale: bool,
+    pub nodes: Vec<NodeJson>,
+    pub vservers: Vec<VserverJson>,
+}
+
+#[derive(Serialize)]
+pub struct NodeJson {
+    pub id: u64,
+    pub addr: String,
+    pub role: &'static str,
+    pub membership: String,
+    pub admin: &'static str,
+    pub reachable: bool,
+    /// null when the answering agent does not know (it is not the leader).
+    pub last_heartbeat_ms: Option<u64>,
+    pub applied_index: u64,
+    pub is_leader: bool,
+}
+
+#[derive(Serialize)]
+pub struct PlacementJson {
+    pub node: u64,
+    pub generation: u64,
+    pub desired: String,
+    pub observed: String,
+}
+
+#[derive(Serialize)]
+pub struct PairJson {
+    pub nodes: Vec<u64>,
+    pub failback: &'static str,
+    pub failback_stable_ms: u64,
+}
+
+#[derive(Serialize)]
+pub struct VserverJson {
+    pub name: String,
+    pub ip: String,
+    pub prefix: u32,
+    pub dev: String,
+    pub tree: String,
+    pub hostname: String,
+    pub placement: Option<PlacementJson>,
+    pub pair: Option<PairJson>,
+}
+
+pub fn role(r: i32) -> &'static str {
+    match pb::NodeRole::try_from(r) {
+        Ok(pb::NodeRole::Learner) => "learner",
+        Ok(pb::NodeRole::Witness) => "witness",
+        _ => "voter",
+    }
+}
+
+pub fn admin(a: i32) -> &'static str {
+    match pb::AdminState::try_from(a) {
+        Ok(pb::AdminState::Draining) => "draining",
+        Ok(pb::AdminState::Maintenance) => "maintenance",
+        _ => "active",
+    }
+}
+
+pub fn failback(f: i32) -> &'static str {
+    match pb::Failback::try_from(f) {
+        Ok(pb::Failback::Auto) => "auto",
+        Ok(pb::Failback::Manual) => "manual",
+        _ => "never",
+    }
+}
+
+pub fn node_json(n: &pb::NodeInfo) -> NodeJson {
+    NodeJson {
+        id: n.id,
+        addr: n.addr.clone(),
+        role: role(n.role),
+        membership: n.membership.clone(),
+        admin: admin(n.admin),
+        reachable: n.reachable,
+        last_heartbeat_ms: u64::try_from(n.last_heartbeat_ms).ok(),
+        applied_index: n.applied_index,
+        is_leader: n.is_leader,
+    }
+}
+
+pub fn vserver_json(v: &pb::VserverInfo) -> VserverJson {
+    let spec = v.spec.clone().unwrap_or_default();
+    VserverJson {
+        name: spec.name,
+        ip: spec.ip,
+        prefix: spec.prefix,
+        dev: spec.dev,
+        tree: spec.tree,
+        hostname: spec.hostname,
+        placement: v.placement.as_ref().map(|p| PlacementJson {
+            node: p.node,
+            generation: p.generation,
+            desired: p.desired.clone(),
+            observed: p.observed.clone(),
+        }),
+        pair: v.group.as_ref().map(|g| PairJson {
+            nodes: g.nodes.clone(),
+            failback: failback(g.failback),
+            failback_stable_ms: g.failback_stable_ms,
+        }),
+    }
+}
+
+pub fn status_json(s: &pb::StatusResponse) -> StatusJson {
+    StatusJson {
+        cluster_id: s.cluster_id.clone(),
+        leader: s.leader_id,
+        leader_addr: s.leader_addr.clone(),
+        term: s.term,
+        commit_index: s.commit_index,
+        served_by: s.served_by,
+        stale: s.stale,
+        nodes: s.nodes.iter().map(node_json).collect(),
+        vservers: s.vservers.iter().map(vserver_json).collect(),
+    }
+}
+
+/// Left-aligned columns, two spaces apart.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    out.push('\n');
+    for r in rows {
+        out.push_str(&line(r.clone()));
+        out.push('\n');
+    }
+    out
+}
+
+pub fn nodes_table(nodes: &[NodeJson]) -> String {
+    let rows: Vec<Vec<String>> = nodes
+        .iter()
+        .map(|n| {
+            vec![
+                format!("{}{}", n.id, if n.is_leader { "*" } else { "" }),
+                n.addr.clone(),
+                n.role.to_string(),
+                n.membership.clone(),
+                n.admin.to_string(),
+                if n.last_heartbeat_ms.is_none() && !n.reachable {
+                    "?".into()
+                } else if n.reachable {
+                    "yes".into()
+                } else {
+                    "NO".into()
+                },
+                n.last_heartbeat_ms
+                    .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
+                    .unwrap_or_else(|| "-".into()),
+                n.applied_index.to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NODE",
+            "ADDR",
+            "ROLE",
+            "RAFT",
+            "ADMIN",
+            "REACHABLE",
+            "HEARD",
+            "APPLIED",
+        ],
+        &rows,
+    )
+}
+
+pub fn vservers_table(vs: &[VserverJson]) -> String {
+    let rows: Vec<Vec<String>> = vs
+        .iter()
+        .map(|v| {
+            vec![
+                v.name.clone(),
+                format!("{}/{}", v.ip, v.prefix),
+                if v.dev.is_empty() {
+                    "-".into()
+                } else {
+                    v.dev.clone()
+                },
+                v.placement
+                    .as_ref()
+                    .map(|p| {
+                        format!(
+                            "node {} (gen {}) {}/{}",
+                            p.node, p.generation, p.desired, p.observed
+                        )
+                    })
+                    .unwrap_or_else(|| "unplaced".into()),
+                v.pair
+                    .as_ref()
+                    .map(|p| {
+                        let nodes: Vec<String> = p.nodes.iter().map(|n| n.to_string()).collect();
+                        format!("{} (failback {})", nodes.join(" > "), p.failback)
+                    })
+                    .unwrap_or_else(|| "-".into()),
+                v.tree.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &["VSERVER", "IP", "DEV", "PLACEMENT", "PAIR", "TREE"],
+        &rows,
+    )
+}
+
+pub fn status_human(s: &StatusJson) -> String {
+    let mut out = String::new();
+    let leader = if s.leader == 0 {
+        "none (no quorum?)".to_string()
+    } else {
+        format!("node {} at {}", s.leader, s.leader_addr)
+    };
+    out.push_str(&format!(
+        "cluster {}  leader {}  term {}  commit {}{}\n\n",
+        if s.cluster_id.is_empty() {
+            "(bootstrapping)"
+        } else {
+            &s.cluster_id
+        },
+        leader,
+        s.term,
+        s.commit_index,
+        if s.stale {
+            format!(
+                "  (stale: local view of node {}; liveness unknown)",
+                s.served_by
+            )
+        } else {
+            String::new()
+        }
+    ));
+    out.push_str(&nodes_table(&s.nodes));
+    out.push('\n');
+    if s.vservers.is_empty() {
+        out.push_str("no vservers (add one: vsha vserver add NAME --ip IPV4[/PREFIX])\n");
+    } else {
+        out.push_str(&vservers_table(&s.vservers));
+    }
+    out
+}

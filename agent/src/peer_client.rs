@@ -1,0 +1,71 @@
+//! Clients for other agents' `Peer` service, one lazily connected channel
+//! per address, shared by the raft transport, heartbeats and forwarding.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use vsha_proto::v1::peer_client::PeerClient;
+use vsha_proto::v1::ProposeRequest;
+
+use crate::command::Command;
+use crate::submit::SubmitError;
+
+/// Largest message accepted on any call: raft batches can be big.
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+
+#[derive(Clone, Default)]
+pub struct PeerClients {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_millis(800))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+impl PeerClients {
+    pub fn client(&self, addr: &str) -> Result<PeerClient<Channel>, SubmitError> {
+        let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        let channel = match map.get(addr) {
+            Some(c) => c.clone(),
+            None => {
+                let c = endpoint(addr)
+                    .map_err(|e| SubmitError::Transport(format!("bad peer address {addr:?}: {e}")))?
+                    .connect_lazy();
+                map.insert(addr.to_string(), c.clone());
+                c
+            }
+        };
+        Ok(PeerClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE)
+            .max_encoding_message_size(MAX_MESSAGE))
+    }
+
+    /// Forwards a command to the leader at `addr` and returns its verdict.
+    pub async fn propose(
+        &self,
+        addr: &str,
+        from: u64,
+        cmd: &Command,
+        wait: Duration,
+    ) -> Result<(), SubmitError> {
+        let mut client = self.client(addr)?;
+        let mut req = tonic::Request::new(ProposeRequest {
+            from,
+            command: serde_json::to_vec(cmd).unwrap_or_default().into(),
+        });
+        req.set_timeout(wait + Duration::from_secs(1));
+        let resp = client
+            .propose(req)
+            .await
+            .map_err(|s| SubmitError::Transport(format!("{addr}: {}", s.message())))?;
+        let verdict: Result<(), SubmitError> = serde_json::from_slice(&resp.into_inner().result)
+            .map_err(|e| SubmitError::Transport(format!("unreadable answer from {addr}: {e}")))?;
+        verdict
+    }
+}
