@@ -555,6 +555,9 @@ fn main() {
             f.write_all(&buf[..k]).unwrap();
             left -= k as u64;
         }
+        // An older mtime, so the change below is visible to rsync's quick check.
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
     }
     let _ = rsync(&daemon, &bsrc, "big", &[]);
     let (_, _, bstate) = ours.round(&bsrc, "big", &nopts, SenderState::default());

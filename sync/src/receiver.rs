@@ -75,7 +75,7 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
     if !token_ok(token, &tok) {
         return Err(SyncError::BadToken);
     }
-    let _busy = store.lock(&name)?;
+    let mut busy = Some(store.lock(&name)?);
     let unified = flags & 1 != 0;
     let current = store.current(&name)?;
     let (digest, seq) = current
@@ -150,6 +150,7 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
                 }
                 return stream_changes(
                     peer,
+                    &mut busy,
                     applier
                         .take()
                         .ok_or_else(|| SyncError::Protocol("no applier".into()))?,
@@ -218,7 +219,12 @@ fn open_version(store: &Store, name: &str, seq: u64) -> Result<crate::fsops::Dir
     Ok(crate::fsops::DirCache::new(fd))
 }
 
-fn stream_changes(peer: &mut Peer, mut a: Applier<'_>, name: &str) -> Result<Received> {
+fn stream_changes(
+    peer: &mut Peer,
+    busy: &mut Option<crate::store::BusyGuard<'_>>,
+    mut a: Applier<'_>,
+    name: &str,
+) -> Result<Received> {
     loop {
         match peer.recv()? {
             Frame::Put { entry, source } => {
@@ -248,6 +254,8 @@ fn stream_changes(peer: &mut Peer, mut a: Applier<'_>, name: &str) -> Result<Rec
             Frame::Delete(p) => a.delete(&p)?,
             Frame::End { digest, count } => {
                 let (seq, stats) = a.finish(digest, count)?;
+                // Free the name before answering, so the sender's next round is not refused.
+                drop(busy.take());
                 tracing::info!(%name, seq, changed = stats.changed, deleted = stats.deleted, "round committed");
                 peer.send(Frame::Committed {
                     seq,
