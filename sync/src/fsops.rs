@@ -42,14 +42,14 @@ pub(crate) fn open_dir_at(dir: BorrowedFd<'_>, name: &[u8], whole: &[u8]) -> Res
 /// A cache of open directory fds along the current path of a tree walk in
 /// tree order, rooted at an fd.
 pub(crate) struct DirCache {
-    root: OwnedFd,
-    stack: Vec<(Vec<u8>, OwnedFd)>,
+    root: std::sync::Arc<OwnedFd>,
+    stack: Vec<(Vec<u8>, std::sync::Arc<OwnedFd>)>,
 }
 
 impl DirCache {
     pub(crate) fn new(root: OwnedFd) -> DirCache {
         DirCache {
-            root,
+            root: std::sync::Arc::new(root),
             stack: Vec::new(),
         }
     }
@@ -65,8 +65,17 @@ impl DirCache {
 
     /// The directory `rel` (relative path, "" = root), opened without following symlinks.
     pub(crate) fn dir(&mut self, rel: &[u8]) -> Result<BorrowedFd<'_>> {
+        self.dir_arc(rel)?;
+        Ok(match self.stack.last() {
+            Some((_, fd)) if !rel.is_empty() => fd.as_fd(),
+            _ => self.root.as_fd(),
+        })
+    }
+
+    /// Like `dir`, as a shared fd another thread can use.
+    pub(crate) fn dir_arc(&mut self, rel: &[u8]) -> Result<std::sync::Arc<OwnedFd>> {
         if rel.is_empty() {
-            return Ok(self.root.as_fd());
+            return Ok(self.root.clone());
         }
         let comps: Vec<&[u8]> = rel.split(|b| *b == b'/').collect();
         let mut keep = 0;
@@ -83,11 +92,11 @@ impl DirCache {
                 };
                 open_dir_at(parent, c, rel)?
             };
-            self.stack.push((c.to_vec(), fd));
+            self.stack.push((c.to_vec(), std::sync::Arc::new(fd)));
         }
         Ok(match self.stack.last() {
-            Some((_, fd)) => fd.as_fd(),
-            None => self.root.as_fd(),
+            Some((_, fd)) => fd.clone(),
+            None => self.root.clone(),
         })
     }
 }

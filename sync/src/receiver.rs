@@ -8,7 +8,7 @@ use crate::entry::{display, Kind};
 use crate::error::{Result, SyncError};
 use crate::session::{run_blocking, Peer};
 use crate::store::{Applier, ApplyStats, Store};
-use crate::wire::{Frame, MANIFEST_BATCH};
+use crate::wire::{Frame, Source, CHUNK, MANIFEST_BATCH};
 
 /// What a received round did.
 #[derive(Debug, Clone)]
@@ -228,6 +228,70 @@ fn stream_changes(
     loop {
         match peer.recv()? {
             Frame::Put { entry, source } => {
+                if source == Source::Data
+                    && entry.kind == Kind::File
+                    && entry.size <= CHUNK as u64
+                    && entry.link.is_none()
+                    && !entry.path.is_empty()
+                {
+                    // Small file: gather its frames; all Data → written by a worker.
+                    let mut frames = Vec::new();
+                    let mut total = 0u64;
+                    let hash = loop {
+                        match peer.recv()? {
+                            Frame::FileEnd(h) => break h,
+                            Frame::Abort(why) => {
+                                return Err(SyncError::Aborted(format!("sender aborted: {why}")))
+                            }
+                            f @ (Frame::Data(_) | Frame::Hole(_)) => {
+                                total += match &f {
+                                    Frame::Data(d) => d.len() as u64,
+                                    _ => 0,
+                                };
+                                if total > entry.size || frames.len() > 4096 {
+                                    return Err(SyncError::Protocol(format!(
+                                        "{:?}: more data than its declared size",
+                                        entry.display_path()
+                                    )));
+                                }
+                                frames.push(f);
+                            }
+                            f => {
+                                return Err(SyncError::Protocol(format!(
+                                    "unexpected {} inside a file",
+                                    f.name()
+                                )))
+                            }
+                        }
+                    };
+                    if frames.iter().all(|f| matches!(f, Frame::Data(_))) {
+                        let mut data = Vec::with_capacity(total as usize);
+                        for f in frames {
+                            if let Frame::Data(d) = f {
+                                data.extend_from_slice(&d);
+                            }
+                        }
+                        if data.len() as u64 != entry.size {
+                            return Err(SyncError::Protocol(format!(
+                                "{:?}: {} bytes received, {} declared",
+                                entry.display_path(),
+                                data.len(),
+                                entry.size
+                            )));
+                        }
+                        a.put_small(entry, data, hash)?;
+                    } else if let Some(mut inc) = a.put(entry, source)? {
+                        for f in frames {
+                            match f {
+                                Frame::Data(d) => a.data(&mut inc, &d)?,
+                                Frame::Hole(n) => a.hole(&mut inc, n)?,
+                                _ => {}
+                            }
+                        }
+                        a.file_end(inc, hash)?;
+                    }
+                    continue;
+                }
                 if let Some(mut inc) = a.put(entry, source)? {
                     loop {
                         match peer.recv()? {

@@ -432,6 +432,129 @@ pub(crate) struct Applier<'a> {
     linked_old: Vec<Vec<u8>>,
     pool: HashMap<[u8; 32], (PathBuf, Entry)>,
     pub(crate) stats: ApplyStats,
+    workers: Workers,
+}
+
+/// Work the applier hands to its threads: creating small files and carrying
+/// over unchanged entries are independent once their directory exists, and
+/// cold metadata writes are latency bound, so they run in parallel.
+enum Job {
+    Link {
+        from: std::sync::Arc<OwnedFd>,
+        to: std::sync::Arc<OwnedFd>,
+        name: Vec<u8>,
+        path: Vec<u8>,
+    },
+    Write {
+        dir: std::sync::Arc<OwnedFd>,
+        name: Vec<u8>,
+        entry: Entry,
+        data: Vec<u8>,
+    },
+}
+
+fn run_job(job: Job) -> Result<()> {
+    match job {
+        Job::Link {
+            from,
+            to,
+            name,
+            path,
+        } => fsops::link(from.as_fd(), &name, to.as_fd(), &name, &path),
+        Job::Write {
+            dir,
+            name,
+            entry,
+            data,
+        } => {
+            let mut f = fsops::create_file(dir.as_fd(), &name, &entry.path)?;
+            f.write_all(&data).ctx("write", fsops::p(&entry.path))?;
+            fsops::apply_meta_fd(f.as_fd(), &entry, true)
+        }
+    }
+}
+
+/// A small pool of threads running `Job`s; `barrier` waits for all and
+/// reports the first error.
+struct Workers {
+    tx: Option<std::sync::mpsc::SyncSender<Job>>,
+    done: std::sync::mpsc::Receiver<Result<()>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    pending: u64,
+}
+
+const WORKERS: usize = 8;
+
+impl Workers {
+    fn new() -> Workers {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(4096);
+        let (dtx, done) = std::sync::mpsc::channel();
+        let rx = std::sync::Arc::new(Mutex::new(rx));
+        let threads = (0..WORKERS)
+            .filter_map(|i| {
+                let (rx, dtx) = (rx.clone(), dtx.clone());
+                std::thread::Builder::new()
+                    .name(format!("vsha-sync-apply{i}"))
+                    .spawn(move || loop {
+                        let job = match rx.lock() {
+                            Ok(r) => r.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        if dtx.send(run_job(job)).is_err() {
+                            return;
+                        }
+                    })
+                    .ok()
+            })
+            .collect();
+        Workers {
+            tx: Some(tx),
+            done,
+            threads,
+            pending: 0,
+        }
+    }
+
+    fn submit(&mut self, job: Job) -> Result<()> {
+        // Collect finished results as we go so errors surface early.
+        while let Ok(r) = self.done.try_recv() {
+            self.pending -= 1;
+            r?;
+        }
+        match &self.tx {
+            Some(tx) if !self.threads.is_empty() => {
+                tx.send(job)
+                    .map_err(|_| SyncError::Protocol("applier threads stopped".into()))?;
+                self.pending += 1;
+                Ok(())
+            }
+            _ => run_job(job),
+        }
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        let mut first = Ok(());
+        while self.pending > 0 {
+            match self.done.recv() {
+                Ok(r) => {
+                    self.pending -= 1;
+                    if first.is_ok() {
+                        first = r;
+                    }
+                }
+                Err(_) => return Err(SyncError::Protocol("applier threads stopped".into())),
+            }
+        }
+        first
+    }
+
+    fn stop(&mut self) {
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
 }
 
 /// A regular file being received.
@@ -488,6 +611,7 @@ impl<'a> Applier<'a> {
             linked_old: Vec::new(),
             pool,
             stats: ApplyStats::default(),
+            workers: Workers::new(),
         })
     }
 
@@ -550,9 +674,14 @@ impl<'a> Applier<'a> {
                 "inherit without a current snapshot".into(),
             ));
         };
-        let from = oldc.dir(parent)?;
-        let to = self.new.dir(parent)?;
-        fsops::link(from, name, to, name, &e.path)?;
+        let from = oldc.dir_arc(parent)?;
+        let to = self.new.dir_arc(parent)?;
+        self.workers.submit(Job::Link {
+            from,
+            to,
+            name: name.to_vec(),
+            path: e.path.clone(),
+        })?;
         self.push(e);
         Ok(())
     }
@@ -623,6 +752,8 @@ impl<'a> Applier<'a> {
                         display(&leader)
                     ))
                 })?;
+            // The leader may still be being written by a worker.
+            self.workers.barrier()?;
             // The leader's hash is what was actually sent for it.
             e.hash = self.entries[li].hash;
             if !self.entries[li].same_inode_meta(&e) || self.entries[li].link.is_some() {
@@ -764,6 +895,39 @@ impl<'a> Applier<'a> {
         }
     }
 
+    /// A whole small file in one piece (the common case): written by a worker.
+    pub(crate) fn put_small(&mut self, mut e: Entry, data: Vec<u8>, hash: [u8; 32]) -> Result<()> {
+        if e.path.is_empty()
+            || e.kind != Kind::File
+            || e.link.is_some()
+            || data.len() as u64 != e.size
+        {
+            return Err(SyncError::Protocol(format!(
+                "{:?}: file content does not match its entry",
+                e.display_path()
+            )));
+        }
+        if *blake3::hash(&data).as_bytes() != hash {
+            return Err(SyncError::HashMismatch {
+                path: e.display_path(),
+            });
+        }
+        self.order(&e.path)?;
+        self.stats.changed += 1;
+        self.stats.literal_bytes += data.len() as u64;
+        e.hash = hash;
+        let (parent, name) = split_parent(&e.path);
+        let dir = self.new.dir_arc(parent)?;
+        self.workers.submit(Job::Write {
+            dir,
+            name: name.to_vec(),
+            entry: e.clone(),
+            data,
+        })?;
+        self.push(e);
+        Ok(())
+    }
+
     /// Content bytes of the incoming file.
     pub(crate) fn data(&mut self, inc: &mut Incoming, d: &[u8]) -> Result<()> {
         if inc.written + d.len() as u64 > inc.entry.size {
@@ -892,6 +1056,7 @@ impl<'a> Applier<'a> {
                 self.inherit(e)?;
             }
         }
+        self.workers.barrier()?;
         for from in &self.linked_old {
             if self
                 .entries
@@ -955,6 +1120,7 @@ fn copy_all(src: &mut std::fs::File, dst: &mut std::fs::File, path: &[u8]) -> Re
 
 impl Drop for Applier<'_> {
     fn drop(&mut self) {
+        self.workers.stop();
         // If the round did not commit, `tmp` is left for `cleanup` at the next
         // round; remove it now to free space early. Best effort.
         let _ = fsops::remove_tree(self.tree.as_fd(), b"tmp");
