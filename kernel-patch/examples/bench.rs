@@ -166,11 +166,16 @@ fn main() {
                 "--mount",
                 "--uts",
                 "--ipc",
-                "--mount-proc=".to_string().as_str(),
+                "chroot",
+                &t,
+                "/bin/true",
             ])
-            .arg(format!("--root={t}"))
-            .args(["/bin/true"])
+            .stderr(std::process::Stdio::null())
             .status();
+        assert!(
+            s.map(|s| s.success()).unwrap_or(false),
+            "baseline unshare failed"
+        );
         let _ = s;
         bstart.push(t0.elapsed());
         // stop: SIGKILL to a running unshare --kill-child + chroot, until reaped
@@ -187,6 +192,7 @@ fn main() {
                 "/bin/sleep",
                 "1000",
             ])
+            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("unshare");
         std::thread::sleep(Duration::from_millis(5));

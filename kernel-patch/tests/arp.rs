@@ -34,7 +34,7 @@ fn alias_and_gratuitous_arp_update_the_peer_neighbour_entry() {
 
     net::set_promote_secondaries("va").unwrap();
     let ps = sh_ok(&format!(
-        "ip netns exec {} sysctl -n net.ipv4.conf.va.promote_secondaries",
+        "ip netns exec {} cat /proc/sys/net/ipv4/conf/va/promote_secondaries",
         pair.host.name
     ));
     assert_eq!(ps.trim(), "1");
