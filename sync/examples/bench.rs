@@ -112,7 +112,7 @@ fn gen_tree(root: &Path, files: u64, total: u64, seed: u64) {
         if is_root() {
             let _ = rustix::fs::mknodat(
                 rustix::fs::CWD,
-                &d.join(format!("c{i}")),
+                d.join(format!("c{i}")),
                 rustix::fs::FileType::CharacterDevice,
                 rustix::fs::Mode::from_raw_mode(0o600),
                 rustix::fs::makedev(1, 3),
@@ -120,7 +120,7 @@ fn gen_tree(root: &Path, files: u64, total: u64, seed: u64) {
         }
         let _ = rustix::fs::mknodat(
             rustix::fs::CWD,
-            &d.join(format!("p{i}")),
+            d.join(format!("p{i}")),
             rustix::fs::FileType::Fifo,
             rustix::fs::Mode::from_raw_mode(0o600),
             0,

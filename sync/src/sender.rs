@@ -102,11 +102,24 @@ impl SenderState {
         self.last_point.map(|t| t.elapsed().unwrap_or_default())
     }
 
-    /// Load a persisted index (hash cache and receiver manifest).
+    /// Load a persisted index (hash cache and receiver manifest). The inode
+    /// numbers (not part of the manifest) live beside it in `PATH.ino`.
     pub fn load(path: &Path) -> SenderState {
         let idx = std::fs::read(path)
             .ok()
             .and_then(|b| crate::store::decode_manifest(&b).ok());
+        let idx = idx.map(|mut i| {
+            if let Ok(b) = std::fs::read(path.with_extension("ino")) {
+                if b.len() == i.entries.len() * 8 {
+                    for (e, c) in i.entries.iter_mut().zip(b.chunks_exact(8)) {
+                        let mut a = [0u8; 8];
+                        a.copy_from_slice(c);
+                        e.ino = u64::from_le_bytes(a);
+                    }
+                }
+            }
+            i
+        });
         SenderState {
             last: idx,
             ..Default::default()
@@ -119,6 +132,9 @@ impl SenderState {
             let tmp = path.with_extension("tmp");
             std::fs::write(&tmp, crate::store::encode_manifest(i)).ctx("write", &tmp)?;
             std::fs::rename(&tmp, path).ctx("rename", path)?;
+            let inos: Vec<u8> = i.entries.iter().flat_map(|e| e.ino.to_le_bytes()).collect();
+            let ino = path.with_extension("ino");
+            std::fs::write(&ino, inos).ctx("write", &ino)?;
         }
         Ok(())
     }
