@@ -228,9 +228,9 @@ pub fn start_with(sys: &dyn Syscall, paths: &Paths, spec: &VserverSpec) -> Resul
 }
 
 fn cleanup(sys: &dyn Syscall, paths: &Paths, st: &RunState) -> Result<()> {
-    let mode_teardown = netmode::SharedStack;
     use crate::netmode::NetworkMode;
-    let r1 = mode_teardown.teardown(sys, &st.net);
+    let r1 = netmode::SharedStack.teardown(sys, &st.net);
+    let r1 = r1.and(netmode::NetNs.teardown(sys, &st.net));
     let r2 = sys.terminate(&st.cgroup, Some(st.init_pid), Duration::ZERO, false);
     let r3 = sys.remove_cgroup(&st.cgroup);
     let _ = std::fs::remove_file(paths.state_file(&st.name));

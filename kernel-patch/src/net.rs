@@ -574,6 +574,213 @@ pub fn enter_netns(path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const RTM_NEWROUTE: u16 = 24;
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_NET_NS_PID: u16 = 19;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const VETH_INFO_PEER: u16 = 1;
+const NLA_F_NESTED: u16 = 0x8000;
+const RTA_DST: u16 = 1;
+const RTA_OIF: u16 = 4;
+const RTA_GATEWAY: u16 = 5;
+
+fn ifinfomsg(index: u32, flags: u32, change: u32) -> Vec<u8> {
+    let mut p = vec![libc::AF_UNSPEC as u8, 0, 0, 0];
+    p.extend_from_slice(&(index as i32).to_ne_bytes());
+    p.extend_from_slice(&flags.to_ne_bytes());
+    p.extend_from_slice(&change.to_ne_bytes());
+    p
+}
+
+fn name_attr(buf: &mut Vec<u8>, name: &str) {
+    let mut v = name.as_bytes().to_vec();
+    v.push(0);
+    push_attr(buf, IFLA_IFNAME, &v);
+}
+
+fn nl_do(
+    ty: u16,
+    flags: u16,
+    payload: &[u8],
+    step: String,
+) -> Result<std::result::Result<(), i32>> {
+    let mut nl = Netlink::open()?;
+    let seq = nl.send(ty, flags | libc::NLM_F_ACK as u16, payload)?;
+    match nl.recv(seq)? {
+        Ok(_) => Ok(Ok(())),
+        Err(e) => {
+            tracing::debug!(step, errno = e, "rtnetlink request refused");
+            Ok(Err(e))
+        }
+    }
+}
+
+fn nl_must(ty: u16, flags: u16, payload: &[u8], step: String) -> Result<()> {
+    match nl_do(ty, flags, payload, step.clone())? {
+        Ok(()) => Ok(()),
+        Err(e) => Err(Error::Sys {
+            step,
+            source: std::io::Error::from_raw_os_error(e),
+        }),
+    }
+}
+
+/// Creates a veth pair `host_if` (here) ↔ `peer_if` (in the network
+/// namespace of process `peer_pid`).
+pub fn create_veth(host_if: &str, peer_if: &str, peer_pid: i32) -> Result<()> {
+    let mut peer = ifinfomsg(0, 0, 0);
+    name_attr(&mut peer, peer_if);
+    push_attr(&mut peer, IFLA_NET_NS_PID, &(peer_pid as u32).to_ne_bytes());
+    let mut data = Vec::new();
+    push_attr(&mut data, VETH_INFO_PEER | NLA_F_NESTED, &peer);
+    let mut info = Vec::new();
+    push_attr(&mut info, IFLA_INFO_KIND, b"veth\0");
+    push_attr(&mut info, IFLA_INFO_DATA | NLA_F_NESTED, &data);
+    let mut p = ifinfomsg(0, 0, 0);
+    name_attr(&mut p, host_if);
+    push_attr(&mut p, IFLA_LINKINFO | NLA_F_NESTED, &info);
+    nl_must(
+        RTM_NEWLINK,
+        (libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16,
+        &p,
+        format!("rtnetlink RTM_NEWLINK veth {host_if} peer {peer_if} netns pid {peer_pid}"),
+    )
+}
+
+/// Sets `dev` up.
+pub fn link_up(dev: &str) -> Result<()> {
+    let index = ifindex(dev)?;
+    let up = libc::IFF_UP as u32;
+    nl_must(
+        RTM_NEWLINK,
+        0,
+        &ifinfomsg(index, up, up),
+        format!("rtnetlink set {dev} up"),
+    )
+}
+
+/// Deletes the link `dev`; a missing link is fine.
+pub fn delete_link(dev: &str) -> Result<()> {
+    let index = match ifindex(dev) {
+        Ok(i) => i,
+        Err(_) => return Ok(()),
+    };
+    match nl_do(
+        RTM_DELLINK,
+        0,
+        &ifinfomsg(index, 0, 0),
+        format!("delete {dev}"),
+    )? {
+        Ok(()) | Err(libc::ENODEV) => Ok(()),
+        Err(e) => Err(Error::Sys {
+            step: format!("rtnetlink RTM_DELLINK {dev}"),
+            source: std::io::Error::from_raw_os_error(e),
+        }),
+    }
+}
+
+/// Adds a route `dst/prefix` out of `dev`, via `gateway` or on-link.
+pub fn add_route(dst: Ipv4Addr, prefix: u8, dev: &str, gateway: Option<Ipv4Addr>) -> Result<()> {
+    let index = ifindex(dev)?;
+    let scope = if gateway.is_some() { 0u8 } else { 253u8 }; // universe / link
+    let mut p = vec![libc::AF_INET as u8, prefix, 0, 0, 254, 3, scope, 1];
+    p.extend_from_slice(&0u32.to_ne_bytes());
+    if prefix > 0 {
+        push_attr(&mut p, RTA_DST, &dst.octets());
+    }
+    push_attr(&mut p, RTA_OIF, &index.to_ne_bytes());
+    if let Some(g) = gateway {
+        push_attr(&mut p, RTA_GATEWAY, &g.octets());
+    }
+    match nl_do(
+        RTM_NEWROUTE,
+        (libc::NLM_F_CREATE | libc::NLM_F_EXCL) as u16,
+        &p,
+        String::new(),
+    )? {
+        Ok(()) | Err(libc::EEXIST) => Ok(()),
+        Err(e) => Err(Error::Sys {
+            step: format!("rtnetlink RTM_NEWROUTE {dst}/{prefix} dev {dev}"),
+            source: std::io::Error::from_raw_os_error(e),
+        }),
+    }
+}
+
+/// Writes an IPv4 sysctl of the caller's network namespace
+/// (`conf/DEV/proxy_arp`, `ip_forward`).
+pub fn set_ipv4_sysctl(key: &str, value: &str) -> Result<()> {
+    if key.contains("..") {
+        return Err(Error::invalid("sysctl", key.to_string()));
+    }
+    let p = format!("/proc/sys/net/ipv4/{key}");
+    std::fs::write(&p, value).map_err(Error::sys(format!("write {value} to {p}")))
+}
+
+/// Runs `f` on a thread inside the network namespace of process `pid`.
+pub fn in_netns_of<T: Send>(pid: i32, f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    let path = std::path::PathBuf::from(format!("/proc/{pid}/ns/net"));
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            enter_netns(&path)?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(Error::invalid("netns thread", "panicked")))
+    })
+}
+
+/// The host end of a vserver's routed veth: `vsh` + 8 hex digits of a hash
+/// of the name (fits IFNAMSIZ).
+pub fn host_veth_name(vserver: &str) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in vserver.bytes() {
+        h ^= b as u32;
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("vsh{h:08x}")
+}
+
+/// Gateway address the vserver's namespace routes through (on the host veth).
+pub const NETNS_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+
+/// Wires the network namespace of `init_pid` with a routed veth: `eth0`
+/// with `ip/32` and a default route via 169.254.1.1 inside; on the host a
+/// route `ip/32` to the veth with proxy ARP, and, when `uplink` is given,
+/// proxy ARP on it plus IPv4 forwarding so peers on that link reach the IP.
+pub fn wire_routed_veth(
+    init_pid: i32,
+    host_if: &str,
+    ip: Ipv4Addr,
+    uplink: Option<&str>,
+) -> Result<()> {
+    create_veth(host_if, "eth0", init_pid)?;
+    let r = (|| {
+        add_address(host_if, NETNS_GATEWAY, 32, None)?;
+        set_ipv4_sysctl(&format!("conf/{host_if}/proxy_arp"), "1")?;
+        link_up(host_if)?;
+        add_route(ip, 32, host_if, None)?;
+        if let Some(up) = uplink {
+            set_ipv4_sysctl(&format!("conf/{up}/proxy_arp"), "1")?;
+            set_ipv4_sysctl("ip_forward", "1")?;
+        }
+        in_netns_of(init_pid, || {
+            link_up("lo")?;
+            add_address("eth0", ip, 32, None)?;
+            link_up("eth0")?;
+            add_route(NETNS_GATEWAY, 32, "eth0", None)?;
+            add_route(Ipv4Addr::UNSPECIFIED, 0, "eth0", Some(NETNS_GATEWAY))
+        })
+    })();
+    if r.is_err() {
+        let _ = delete_link(host_if);
+    }
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

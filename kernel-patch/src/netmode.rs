@@ -6,9 +6,10 @@
 //!   (needs BPF-LSM to close), and the vserver still *sees* every host
 //!   address and interface and can reach host services on 127.0.0.1.
 //! * [`NetNs`] — a network namespace per vserver (own loopback, no autobind
-//!   gap, sees only its interfaces). The namespace is created by the clone;
-//!   wiring it to the node (macvlan or routed veth) is not implemented yet,
-//!   so the vserver only has its loopback (see README).
+//!   gap, sees only its interfaces), created by the clone and wired with a
+//!   routed veth: `eth0` holds `IP/32` inside, the host routes `IP/32` to the
+//!   veth and answers ARP for it on the uplink (proxy ARP, IPv4 forwarding
+//!   on), so takeover is the route plus gratuitous ARP from the uplink.
 
 use std::net::Ipv4Addr;
 
@@ -26,6 +27,9 @@ pub struct NetState {
     /// it was already there before (then it is not ours to remove).
     #[serde(default)]
     pub alias: Option<(String, Ipv4Addr, u8)>,
+    /// netns mode: the host end of the routed veth.
+    #[serde(default)]
+    pub link: Option<String>,
 }
 
 /// One way of giving a vserver its network.
@@ -117,22 +121,38 @@ impl NetworkMode for NetNs {
     fn before_spawn(
         &self,
         _sys: &dyn Syscall,
-        _spec: &VserverSpec,
+        spec: &VserverSpec,
         _cg: &ContextCgroup,
     ) -> Result<NetState> {
-        Ok(NetState::default())
+        Ok(NetState {
+            alias: None,
+            link: spec.ipv4().map(|_| crate::net::host_veth_name(&spec.name)),
+        })
     }
     fn after_spawn(
         &self,
-        _sys: &dyn Syscall,
+        sys: &dyn Syscall,
         spec: &VserverSpec,
-        _state: &NetState,
+        state: &NetState,
         init_pid: i32,
     ) -> Result<()> {
-        tracing::warn!(name = %spec.name, init_pid, "netns mode: the namespace has only loopback (uplink wiring not implemented)");
+        let Some((ip, _)) = spec.ipv4() else {
+            return Ok(());
+        };
+        let host_if = state
+            .link
+            .clone()
+            .unwrap_or_else(|| crate::net::host_veth_name(&spec.name));
+        sys.wire_netns(init_pid, &host_if, ip, spec.dev.as_deref())?;
+        if let Some(dev) = &spec.dev {
+            sys.announce(dev, ip)?;
+        }
         Ok(())
     }
-    fn teardown(&self, _sys: &dyn Syscall, _state: &NetState) -> Result<()> {
+    fn teardown(&self, sys: &dyn Syscall, state: &NetState) -> Result<()> {
+        if let Some(l) = &state.link {
+            sys.delete_link(l)?;
+        }
         Ok(())
     }
 }

@@ -47,6 +47,16 @@ pub trait Syscall: Send + Sync {
     ) -> Result<()>;
     fn remove_cgroup(&self, cg: &ContextCgroup) -> Result<()>;
     fn run_hook(&self, script: &Path, phase: Phase, name: &str) -> Result<()>;
+    /// netns mode: a routed veth from the host into the init's namespace.
+    fn wire_netns(
+        &self,
+        init_pid: i32,
+        host_if: &str,
+        ip: Ipv4Addr,
+        uplink: Option<&str>,
+    ) -> Result<()>;
+    /// Deletes a link (missing is fine).
+    fn delete_link(&self, dev: &str) -> Result<()>;
 }
 
 /// The real kernel.
@@ -125,6 +135,18 @@ impl Syscall for LinuxSyscall {
     fn run_hook(&self, script: &Path, phase: Phase, name: &str) -> Result<()> {
         crate::hooks::run(script, phase, name)
     }
+    fn wire_netns(
+        &self,
+        init_pid: i32,
+        host_if: &str,
+        ip: Ipv4Addr,
+        uplink: Option<&str>,
+    ) -> Result<()> {
+        crate::net::wire_routed_veth(init_pid, host_if, ip, uplink)
+    }
+    fn delete_link(&self, dev: &str) -> Result<()> {
+        crate::net::delete_link(dev)
+    }
 }
 
 /// One recorded call.
@@ -176,6 +198,14 @@ pub enum Call {
     RunHook {
         phase: Phase,
         name: String,
+    },
+    WireNetns {
+        host_if: String,
+        ip: Ipv4Addr,
+        uplink: Option<String>,
+    },
+    DeleteLink {
+        dev: String,
     },
 }
 
@@ -309,5 +339,21 @@ impl Syscall for RecordingSyscall {
             phase,
             name: name.into(),
         })
+    }
+    fn wire_netns(
+        &self,
+        _init_pid: i32,
+        host_if: &str,
+        ip: Ipv4Addr,
+        uplink: Option<&str>,
+    ) -> Result<()> {
+        self.rec(Call::WireNetns {
+            host_if: host_if.into(),
+            ip,
+            uplink: uplink.map(str::to_string),
+        })
+    }
+    fn delete_link(&self, dev: &str) -> Result<()> {
+        self.rec(Call::DeleteLink { dev: dev.into() })
     }
 }

@@ -563,3 +563,69 @@ fn ctx_exec_isolates_without_a_tree() {
         .collect();
     assert!(left.iter().all(|n| *n == 0), "{left:?}");
 }
+
+#[test]
+fn netns_mode_routed_veth_reaches_the_vserver() {
+    if !need_root() {
+        return;
+    }
+    let t = tag();
+    let pair = Pair::new(&t);
+    let env = Env::new(&t);
+    pair.host.enter();
+    let name = format!("vs{t}");
+    let tree = env.tree(&name);
+    let vip = pair.ip(8);
+    let mut spec = VserverSpec::new(&name, &tree);
+    spec.ip = Some(format!("{vip}/24"));
+    spec.dev = Some("va".into());
+    spec.network = vsha_kernel::config::NetworkModeKind::Netns;
+    spec.start = idle_init();
+    let st = start(&env, &spec, 1);
+    let host_if = vsha_kernel::net::host_veth_name(&name);
+    assert_eq!(st.net.link.as_deref(), Some(host_if.as_str()));
+
+    // inside: its own interfaces only
+    let (c, o) = vsh(&env.paths, &name, "ip -o addr");
+    assert_eq!(c, 0, "{o}");
+    assert!(
+        o.contains(&format!("{vip}/32")) && o.contains("eth0"),
+        "{o}"
+    );
+    assert!(
+        !o.lines().any(|l| l.split_whitespace().nth(1) == Some("va"))
+            && !o.contains(&pair.ip(1).to_string()),
+        "host addresses invisible: {o}"
+    );
+
+    // a service bound to the wildcard, reached from the peer namespace
+    let (c, o) = vsh(
+        &env.paths,
+        &name,
+        "echo hello-from-netns > /tmp/index.html; httpd -p 8080 -h /tmp",
+    );
+    assert_eq!(c, 0, "{o}");
+    let p = pair.peer.path();
+    let body = std::thread::spawn(move || {
+        vsha_kernel::net::enter_netns(&p).unwrap();
+        use std::io::Write;
+        wait_for("the vserver's httpd from the peer", 60, || {
+            let mut s =
+                std::net::TcpStream::connect_timeout(&(vip, 8080).into(), Duration::from_secs(2))
+                    .ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+            s.write_all(b"GET /index.html HTTP/1.0\r\n\r\n").ok()?;
+            let mut b = String::new();
+            s.read_to_string(&mut b).ok()?;
+            Some(b)
+        })
+    })
+    .join()
+    .unwrap();
+    assert!(body.contains("hello-from-netns"), "{body}");
+
+    local::stop_with(&sys(1), &env.paths, &spec, &st).unwrap();
+    assert!(!st.cgroup.v2.exists());
+    let (gone, _) = sh(&format!("ip -n {} link show {host_if}", pair.host.name));
+    assert!(!gone, "host veth removed");
+}
