@@ -171,3 +171,33 @@ fn no_ip_means_no_bpf_and_no_alias() {
         Call::SetIpv4root { .. } | Call::AddAddress { .. } | Call::Announce { .. }
     )));
 }
+
+#[test]
+fn netns_mode_wires_a_veth_after_the_spawn_and_skips_bpf() {
+    let (_d, paths, mut spec) = setup();
+    spec.network = vsha_kernel::config::NetworkModeKind::Netns;
+    let sys = RecordingSyscall::new();
+    let st = start_with(&sys, &paths, &spec).unwrap();
+    let c = sys.calls();
+    let host_if = vsha_kernel::net::host_veth_name("web");
+    let spawn = c
+        .iter()
+        .position(|x| matches!(x, Call::SpawnContext { .. }))
+        .unwrap();
+    assert_eq!(
+        c[spawn + 1],
+        Call::WireNetns {
+            host_if: host_if.clone(),
+            ip: Ipv4Addr::new(10, 0, 0, 5),
+            uplink: Some("eth0".into())
+        }
+    );
+    assert!(
+        !c.iter()
+            .any(|x| matches!(x, Call::SetIpv4root { .. } | Call::AddAddress { .. })),
+        "{c:?}"
+    );
+    let sys2 = RecordingSyscall::new();
+    stop_with(&sys2, &paths, &spec, &st).unwrap();
+    assert!(sys2.calls().contains(&Call::DeleteLink { dev: host_if }));
+}

@@ -629,3 +629,91 @@ fn netns_mode_routed_veth_reaches_the_vserver() {
     let (gone, _) = sh(&format!("ip -n {} link show {host_if}", pair.host.name));
     assert!(!gone, "host veth removed");
 }
+
+#[test]
+fn local_verbs_build_start_exec_status_restart_stop_with_fakeinit() {
+    if !need_root() {
+        return;
+    }
+    let t = tag();
+    let pair = Pair::new(&t);
+    let env = Env::new(&t);
+    pair.host.enter();
+    let name = format!("vs{t}");
+    let tree = local::build(
+        &env.paths,
+        &name,
+        &local::BuildOptions {
+            tree: Some(env.dir.path().join("trees").join(&name)),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    // build wrote a spec with fakeinit; make stop quick and give it an IP
+    let mut spec = VserverSpec::load(&env.paths.config_dir, &name).unwrap();
+    assert!(spec.has_flag(vsha_kernel::config::Flag::Fakeinit));
+    assert_eq!(spec.tree, tree);
+    spec.stop_timeout = 3;
+    spec.ip = Some(format!("{}/24", pair.ip(9)));
+    write_spec(&env, &spec);
+
+    assert!(!local::running(&env.paths, &name).unwrap());
+    let st = local::start(&env.paths, &name).unwrap();
+    assert!(matches!(
+        local::start(&env.paths, &name),
+        Err(vsha_kernel::Error::AlreadyRunning(_))
+    ));
+    assert!(local::running(&env.paths, &name).unwrap());
+    let (c, o) = vsh(&env.paths, &name, "cat /proc/1/cmdline; echo; hostname");
+    assert_eq!(c, 0, "{o}");
+    assert!(
+        o.starts_with("init") || o.starts_with("/sbin/init"),
+        "busybox init is PID 1: {o}"
+    );
+    assert!(o.contains(&name), "{o}");
+    let s = local::status(&env.paths, &name).unwrap();
+    assert!(s.running && s.init_pid == Some(st.init_pid), "{s:?}");
+    assert_eq!(serde_json::to_value(&s).unwrap()["name"], name.as_str());
+    let code = local::exec(
+        &env.paths,
+        &name,
+        &["false".into()],
+        &ExecOptions {
+            stdio: Stdio::Null,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(code, 1, "exit code of the command");
+
+    let st2 = local::restart(&env.paths, &name).unwrap();
+    assert_ne!(st2.init_pid, st.init_pid);
+    local::stop(&env.paths, &name).unwrap();
+    assert!(!local::running(&env.paths, &name).unwrap());
+    assert!(matches!(
+        local::stop(&env.paths, &name),
+        Err(vsha_kernel::Error::NotRunning(_))
+    ));
+    assert!(!st2.cgroup.v2.exists());
+    assert!(no_process_in(&env));
+    assert!(local::list(&env.paths).unwrap().is_empty());
+}
+
+#[test]
+fn import_to_writes_a_loadable_spec() {
+    let d = tempfile::tempdir().unwrap();
+    let paths = local::Paths::new(d.path().join("etc"), d.path().join("run"));
+    let conf = d.path().join("legacy.conf");
+    std::fs::write(&conf, "IPROOT=10.9.8.7\nIPROOTMASK=255.255.0.0\nIPROOTDEV=eth0\nS_HOSTNAME=legacy\nS_FLAGS=\"nproc fakeinit\"\nULIMIT=\"-H -u 500\"\n").unwrap();
+    std::fs::write(d.path().join("legacy.sh"), "#!/bin/sh\n").unwrap();
+    let out = local::import_to(&paths, &conf, Path::new("/vservers")).unwrap();
+    let spec = VserverSpec::load(&paths.config_dir, "legacy").unwrap();
+    assert_eq!(out, paths.config_dir.join("legacy.toml"));
+    assert_eq!(spec.ip.as_deref(), Some("10.9.8.7/16"));
+    assert_eq!(spec.limits.nproc, Some(500));
+    assert!(paths.config_dir.join("legacy.sh").exists());
+    assert!(
+        local::import_to(&paths, &conf, Path::new("/vservers")).is_err(),
+        "no overwrite"
+    );
+}
