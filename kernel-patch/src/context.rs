@@ -59,6 +59,10 @@ pub struct ContextSpec {
     pub user: Option<(u32, u32)>,
     /// Start a new session (detach from the caller's terminal).
     pub setsid: bool,
+    /// The `lock` flag: a seccomp filter forbids creating or joining
+    /// namespaces (unshare, setns, clone with CLONE_NEW*), so no new context
+    /// can be made from inside (user namespaces included).
+    pub lock: bool,
     pub stdio: Stdio,
 }
 
@@ -155,6 +159,7 @@ struct Prepared {
     nice: Option<i32>,
     user: Option<(u32, u32)>,
     setsid: bool,
+    lock: bool,
     stdio: [RawFd; 3],
 }
 
@@ -283,6 +288,53 @@ const STEPS: &[&str] = &[
     "setns(pidfd)",                    // 21
     "fork inside the context",         // 22
     "chdir /",                         // 23
+    "seccomp lock filter",             // 24
+];
+
+/// Classic-BPF `struct sock_filter`.
+#[repr(C)]
+struct SockFilter {
+    code: u16,
+    jt: u8,
+    jf: u8,
+    k: u32,
+}
+
+#[repr(C)]
+struct SockFprog {
+    len: u16,
+    filter: *const SockFilter,
+}
+
+const fn sf(code: u16, jt: u8, jf: u8, k: u32) -> SockFilter {
+    SockFilter { code, jt, jf, k }
+}
+
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+const RET_ALLOW: u32 = 0x7fff_0000;
+const RET_ERRNO: u32 = 0x0005_0000;
+/// CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET.
+const CLONE_NEW_MASK: u32 =
+    0x0002_0000 | 0x0200_0000 | 0x0400_0000 | 0x0800_0000 | 0x1000_0000 | 0x2000_0000 | 0x4000_0000;
+
+/// The `lock` flag's seccomp filter: unshare and setns fail with EPERM,
+/// clone with a CLONE_NEW* flag fails with EPERM, clone3 reports ENOSYS (so
+/// libc falls back to clone, whose flags can be inspected); everything else
+/// is allowed. Other architectures are not filtered.
+static LOCK_FILTER: [SockFilter; 13] = [
+    sf(0x20, 0, 0, 4),                               // 0: A = arch
+    sf(0x15, 1, 0, AUDIT_ARCH_X86_64),               // 1: x86_64 -> 3
+    sf(0x06, 0, 0, RET_ALLOW),                       // 2
+    sf(0x20, 0, 0, 0),                               // 3: A = nr
+    sf(0x15, 6, 0, libc::SYS_unshare as u32),        // 4: -> 11
+    sf(0x15, 5, 0, libc::SYS_setns as u32),          // 5: -> 11
+    sf(0x15, 5, 0, libc::SYS_clone3 as u32),         // 6: -> 12
+    sf(0x15, 0, 2, libc::SYS_clone as u32),          // 7: clone -> 8, else 10
+    sf(0x20, 0, 0, 16),                              // 8: A = args[0] (low half)
+    sf(0x45, 1, 0, CLONE_NEW_MASK),                  // 9: any CLONE_NEW* -> 11
+    sf(0x06, 0, 0, RET_ALLOW),                       // 10
+    sf(0x06, 0, 0, RET_ERRNO | libc::EPERM as u32),  // 11
+    sf(0x06, 0, 0, RET_ERRNO | libc::ENOSYS as u32), // 12
 ];
 
 macro_rules! tryc {
@@ -333,6 +385,24 @@ fn child_exec(p: &Prepared, err: RawFd) -> ! {
         write_err(err, 19, e);
         // SAFETY: _exit never returns.
         unsafe { libc::_exit(127) }
+    }
+    if p.lock {
+        let prog = SockFprog {
+            len: LOCK_FILTER.len() as u16,
+            filter: LOCK_FILTER.as_ptr(),
+        };
+        // SAFETY: PR_SET_SECCOMP with a pointer to a valid sock_fprog whose
+        // filter array is static; NO_NEW_PRIVS is already set.
+        let r = unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER as libc::c_ulong,
+                &prog as *const SockFprog,
+                0,
+                0,
+            )
+        };
+        tryc!(err, 24, r);
     }
     let mut last = libc::ENOENT;
     for cand in &p.candidates {
@@ -435,6 +505,7 @@ impl Prepared {
             nice: spec.nice,
             user: spec.user,
             setsid: spec.setsid,
+            lock: spec.lock,
             stdio,
         })
     }
@@ -704,6 +775,8 @@ pub fn new_s_context(spec: &ContextSpec, cg: &ContextCgroup) -> Result<Spawned> 
 /// What `enter`/`exec` runs inside a running context.
 #[derive(Debug, Clone, Default)]
 pub struct ExecSpec {
+    /// Apply the `lock` seccomp filter (as the context's init has it).
+    pub lock: bool,
     pub command: Vec<String>,
     pub env: Vec<String>,
     pub caps: CapMask,
@@ -736,6 +809,7 @@ pub fn enter(init_pid: i32, cg: &ContextCgroup, spec: &ExecSpec) -> Result<Spawn
         command: spec.command.clone(),
         env: spec.env.clone(),
         user: spec.user,
+        lock: spec.lock,
         ..Default::default()
     };
     let prep = Prepared::new(&cspec, stdio.fds)?;

@@ -148,12 +148,19 @@ pub fn context_spec(spec: &VserverSpec, paths: &Paths) -> Result<ContextSpec> {
         new_netns: netmode::for_kind(spec.network).new_netns(),
         user: None,
         setsid: true,
+        lock: spec.has_flag(Flag::Lock),
         stdio: Stdio::Log(paths.log_file(&spec.name)),
     })
 }
 
+/// The spec's limits; the `sched` flag without an explicit weight gives the
+/// context its own CPU group at the default weight (it weighs as one).
 fn limits_of(spec: &VserverSpec) -> Limits {
-    spec.limits.clone()
+    let mut l = spec.limits.clone();
+    if spec.has_flag(Flag::Sched) && l.cpu_weight.is_none() {
+        l.cpu_weight = Some(100);
+    }
+    l
 }
 
 /// Starts a vserver from its spec through `sys`:
@@ -257,6 +264,7 @@ pub fn stop_with(
             command: spec.stop.clone(),
             caps: capabilities::resolve(true, &spec.caps)?,
             stdio: Stdio::Log(paths.log_file(&spec.name)),
+            lock: spec.has_flag(Flag::Lock),
             ..Default::default()
         };
         match sys.exec_in(st.init_pid, &st.cgroup, &es) {
@@ -336,6 +344,12 @@ fn running_state(paths: &Paths, name: &str) -> Result<RunState> {
 /// exit code.
 pub fn exec(paths: &Paths, name: &str, cmd: &[String], opts: &ExecOptions) -> Result<i32> {
     let spec = VserverSpec::load(&paths.config_dir, name)?;
+    if spec.has_flag(Flag::Private) {
+        return Err(Error::invalid(
+            format!("vserver {name}"),
+            "has the private flag: nobody may enter it (remove the flag and restart)",
+        ));
+    }
     let st = running_state(paths, name)?;
     let mut env = vec![
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),
@@ -351,6 +365,7 @@ pub fn exec(paths: &Paths, name: &str, cmd: &[String], opts: &ExecOptions) -> Re
         caps: capabilities::resolve(true, &spec.caps)?,
         user: opts.user,
         stdio: opts.stdio.clone(),
+        lock: spec.has_flag(Flag::Lock),
     };
     linux()?.exec_in(st.init_pid, &st.cgroup, &es)
 }
@@ -583,6 +598,7 @@ pub fn ctx_exec(opts: &CtxExecOptions) -> Result<i32> {
             new_netns: false,
             user: None,
             setsid: false,
+            lock: opts.flags.contains(&Flag::Lock),
             stdio: opts.stdio.clone(),
         };
         let child = sys.spawn_context(&spec, &cg)?;

@@ -717,3 +717,50 @@ fn import_to_writes_a_loadable_spec() {
         "no overwrite"
     );
 }
+
+#[test]
+fn lock_flag_forbids_new_namespaces_and_private_forbids_enter() {
+    if !need_root() {
+        return;
+    }
+    let t = tag();
+    let pair = Pair::new(&t);
+    let env = Env::new(&t);
+    pair.host.enter();
+    let run = |flags: Vec<vsha_kernel::config::Flag>, script: &str| {
+        let out = env.dir.path().join(format!("lock-{}.out", tag()));
+        let code = local::ctx_exec(&local::CtxExecOptions {
+            secure: true,
+            flags,
+            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            cgroup_parent: Some(env.paths.cgroup_parent.clone()),
+            stdio: Stdio::Log(out.clone()),
+            ..Default::default()
+        })
+        .unwrap();
+        (code, std::fs::read_to_string(&out).unwrap_or_default())
+    };
+    use vsha_kernel::config::Flag;
+    // a user namespace is the one context a capability-less root could still make
+    let (free, o1) = run(vec![], "unshare -U true");
+    let (locked, o2) = run(vec![Flag::Lock], "unshare -U true");
+    assert_ne!(locked, 0, "lock forbids unshare: {o2}");
+    assert!(o2.contains("not permitted"), "{o2}");
+    let userns_allowed = free == 0;
+    println!("unshare -U without lock: {free} {o1}");
+    assert!(userns_allowed || o1.contains("not permitted"), "{o1}");
+    let (code, o3) = run(vec![Flag::Lock], "echo fork-still-works | cat");
+    assert_eq!((code, o3.trim()), (0, "fork-still-works"));
+
+    // private: nobody enters
+    let name = format!("vs{t}");
+    let tree = env.tree(&name);
+    let mut spec = VserverSpec::new(&name, &tree);
+    spec.flags = vec![Flag::Private, Flag::Lock];
+    spec.start = idle_init();
+    let st = start(&env, &spec, 1);
+    let e = local::exec(&env.paths, &name, &["true".into()], &ExecOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("private"), "{e}");
+    local::stop_with(&sys(1), &env.paths, &spec, &st).unwrap();
+    assert!(!st.cgroup.v2.exists());
+}
