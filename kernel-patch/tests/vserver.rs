@@ -203,6 +203,7 @@ fn vserver_isolation_ipv4root_and_caps() {
     spec.ip = Some(format!("{vip}/24"));
     spec.dev = Some("va".into());
     spec.hostname = Some("isolated".into());
+    spec.domainname = Some("example.org".into());
     spec.start = idle_init();
     let st = start(&env, &spec, 1);
     assert!(local::running(&env.paths, &name).unwrap());
@@ -215,7 +216,7 @@ fn vserver_isolation_ipv4root_and_caps() {
     let (code, out) = vsh(
         &env.paths,
         &name,
-        "hostname; ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '",
+        "hostname; ls /proc | grep -c '^[0-9]'; cat /proc/1/cmdline | tr '\\0' ' '; echo; cat /proc/sys/kernel/domainname",
     );
     assert_eq!(code, 0, "{out}");
     let lines: Vec<&str> = out.lines().collect();
@@ -229,6 +230,7 @@ fn vserver_isolation_ipv4root_and_caps() {
         lines[2].contains("trap"),
         "pid 1 is the vserver init: {out}"
     );
+    assert_eq!(lines[3], "example.org");
     let host_pid = std::process::id();
     let (_, seen) = vsh(
         &env.paths,
@@ -368,6 +370,8 @@ fn pids_limit_stops_a_fork_bomb_and_stop_leaves_nothing() {
     spec.ip = Some(format!("{}/24", pair.ip(6)));
     spec.hostname = Some("bombed".into());
     spec.limits.nproc = Some(20);
+    spec.limits.memory = Some(48 << 20);
+    spec.limits.cpu_weight = Some(50);
     spec.start = idle_init();
     spec.stop_timeout = 3;
     let st = start(&env, &spec, 1);
@@ -378,6 +382,39 @@ fn pids_limit_stops_a_fork_bomb_and_stop_leaves_nothing() {
         st.cgroup.v1["pids"].join("pids.max")
     };
     assert_eq!(std::fs::read_to_string(&pids_max).unwrap().trim(), "20");
+    let v2 = |c: &str| env.layout.v2_controllers.iter().any(|x| x == c);
+    let mem = if v2("memory") {
+        std::fs::read_to_string(st.cgroup.v2.join("memory.max")).unwrap()
+    } else {
+        std::fs::read_to_string(st.cgroup.v1["memory"].join("memory.limit_in_bytes")).unwrap()
+    };
+    assert_eq!(mem.trim(), (48u64 << 20).to_string());
+    if !v2("cpu") {
+        let shares = std::fs::read_to_string(st.cgroup.v1["cpu"].join("cpu.shares")).unwrap();
+        assert_eq!(shares.trim(), "512");
+    }
+    // the memory limit holds: a 100 MB buffer gets the process OOM-killed
+    let (c, o) = vsh(
+        &env.paths,
+        &name,
+        "dd if=/dev/zero of=/dev/null bs=100M count=1",
+    );
+    assert_ne!(c, 0, "dd with a 100M buffer under a 48M limit: {o}");
+    // freeze / thaw of the whole context
+    st.cgroup.freeze(true).unwrap();
+    wait_for("frozen 1", 30, || {
+        std::fs::read_to_string(st.cgroup.v2.join("cgroup.events"))
+            .ok()?
+            .contains("frozen 1")
+            .then_some(())
+    });
+    st.cgroup.freeze(false).unwrap();
+    wait_for("frozen 0", 30, || {
+        std::fs::read_to_string(st.cgroup.v2.join("cgroup.events"))
+            .ok()?
+            .contains("frozen 0")
+            .then_some(())
+    });
 
     // a double-forked daemon that must not survive stop
     let (c, o) = vsh(
