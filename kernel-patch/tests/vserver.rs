@@ -801,3 +801,53 @@ fn lock_flag_forbids_new_namespaces_and_private_forbids_enter() {
     local::stop_with(&sys(1), &env.paths, &spec, &st).unwrap();
     assert!(!st.cgroup.v2.exists());
 }
+
+#[test]
+fn ctx_exec_with_a_root_pivots_into_the_tree() {
+    if !need_root() {
+        return;
+    }
+    let t = tag();
+    let pair = Pair::new(&t);
+    let env = Env::new(&t);
+    pair.host.enter();
+    let tree = env.tree(&format!("r{t}"));
+    std::fs::write(tree.join("etc/marker"), "inside-the-tree\n").unwrap();
+    let out = env.dir.path().join("root.out");
+    let code = local::ctx_exec(&local::CtxExecOptions {
+        hostname: Some("rooted".into()),
+        secure: true,
+        caps: vec!["CAP_NET_RAW".into()],
+        root: Some(tree.clone()),
+        command: vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "cat /etc/marker; hostname; ls /dev | tr '\\n' ' '; echo; grep CapBnd /proc/self/status".into(),
+        ],
+        cgroup_parent: Some(env.paths.cgroup_parent.clone()),
+        stdio: Stdio::Log(out.clone()),
+        ..Default::default()
+    })
+    .unwrap();
+    let o = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(code, 0, "{o}");
+    let l: Vec<&str> = o.lines().collect();
+    assert_eq!(l[0], "inside-the-tree");
+    assert_eq!(l[1], "rooted");
+    for d in [
+        "null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts",
+    ] {
+        assert!(
+            l[2].split_whitespace().any(|x| x == d),
+            "minimal /dev has {d}: {o}"
+        );
+    }
+    assert!(!l[2].contains("sda") && !l[2].contains("kmsg"), "{o}");
+    let want = vsha_kernel::capabilities::CapMask::secure()
+        .with(caps::Capability::CAP_NET_RAW)
+        .0;
+    assert!(
+        l[3].ends_with(&format!("{want:016x}")),
+        "--cap adds back: {o}"
+    );
+}
