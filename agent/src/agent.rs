@@ -150,7 +150,7 @@ async fn join(
             addr: my_addr.to_string(),
         });
         req.set_timeout(Duration::from_secs(5));
-        match client.join(req).await {
+        match crate::peer_client::within(Duration::from_secs(6), client.join(req)).await {
             Ok(resp) => {
                 let r = resp.into_inner();
                 tracing::info!(cluster = %r.cluster_id, leader = r.leader_id, "joined; waiting for the leader to send the state");

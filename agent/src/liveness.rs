@@ -55,6 +55,9 @@ pub async fn heartbeat_loop(
     interval: Duration,
 ) {
     let mut seq = 0u64;
+    // One heartbeat in flight at a time, and never blocking this loop: the
+    // leader's own record must not wait on a dead peer's timeout.
+    let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -73,6 +76,9 @@ pub async fn heartbeat_loop(
         let Ok(mut client) = peers.client(&addr) else {
             continue;
         };
+        if in_flight.as_ref().is_some_and(|h| !h.is_finished()) {
+            continue;
+        }
         seq += 1;
         let mut req = tonic::Request::new(HeartbeatRequest {
             node_id: view.id,
@@ -81,8 +87,11 @@ pub async fn heartbeat_loop(
             seq,
         });
         req.set_timeout(interval * 2);
-        if let Err(e) = client.heartbeat(req).await {
-            tracing::debug!(leader = view.leader_id, error = %e.message(), "heartbeat not delivered");
-        }
+        let leader = view.leader_id;
+        in_flight = Some(tokio::spawn(async move {
+            if let Err(e) = crate::peer_client::within(interval * 2, client.heartbeat(req)).await {
+                tracing::debug!(leader, error = %e.message(), "heartbeat not delivered");
+            }
+        }));
     }
 }

@@ -60,12 +60,26 @@ impl PeerClients {
             command: serde_json::to_vec(cmd).unwrap_or_default().into(),
         });
         req.set_timeout(wait + Duration::from_secs(1));
-        let resp = client
-            .propose(req)
+        let resp = within(wait + Duration::from_secs(2), client.propose(req))
             .await
             .map_err(|s| SubmitError::Transport(format!("{addr}: {}", s.message())))?;
         let verdict: Result<(), SubmitError> = serde_json::from_slice(&resp.into_inner().result)
             .map_err(|e| SubmitError::Transport(format!("unreadable answer from {addr}: {e}")))?;
         verdict
+    }
+}
+
+/// Bounds a call on the client side too: a peer that accepted the
+/// connection and then went silent must not hold the caller forever.
+pub async fn within<T>(
+    limit: Duration,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match tokio::time::timeout(limit, call).await {
+        Ok(r) => r,
+        Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+            "no answer within {} ms",
+            limit.as_millis()
+        ))),
     }
 }

@@ -109,7 +109,7 @@ async fn send_batch(
         msgs: msgs.into_iter().map(|m| m.bytes.into()).collect(),
     });
     req.set_timeout(CALL_TIMEOUT);
-    if let Err(e) = client.raft(req).await {
+    if let Err(e) = crate::peer_client::within(CALL_TIMEOUT, client.raft(req)).await {
         tracing::debug!(to, %addr, error = %e.message(), "raft batch not delivered");
         raft.report_unreachable(to);
     }
@@ -134,8 +134,7 @@ async fn send_snapshot(
         .collect();
     let mut req = tonic::Request::new(futures::stream::iter(chunks));
     req.set_timeout(SNAPSHOT_TIMEOUT);
-    client
-        .install_snapshot(req)
+    crate::peer_client::within(SNAPSHOT_TIMEOUT, client.install_snapshot(req))
         .await
         .map(|_| ())
         .map_err(|s| s.message().to_string())

@@ -105,8 +105,7 @@ impl ClusterApi {
         let mut client = ClusterClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
         let mut req = Request::new(pb::StatusRequest { stale: false });
         req.set_timeout(READ_WAIT + Duration::from_secs(1));
-        client
-            .status(req)
+        crate::peer_client::within(READ_WAIT + Duration::from_secs(2), client.status(req))
             .await
             .map(|r| r.into_inner())
             .map_err(|s| {
@@ -120,6 +119,13 @@ impl ClusterApi {
 
     async fn submit(&self, cmd: Command) -> Result<(), Status> {
         self.submitter.submit(cmd).await.map_err(status)
+    }
+
+    /// Submits, then waits until this agent has applied it too, so what the
+    /// caller reads back here includes its own write.
+    async fn submit_and_catch_up(&self, cmd: Command) -> Result<(), Status> {
+        self.submit(cmd).await?;
+        self.barrier(false).await
     }
 }
 
@@ -190,7 +196,8 @@ impl Cluster for ClusterApi {
         let r = req.into_inner();
         let id = validate::node_id(r.id).map_err(state_status)?;
         let admin = convert::admin_from_pb(r.admin).map_err(state_status)?;
-        self.submit(Command::SetNodeAdmin { id, admin }).await?;
+        self.submit_and_catch_up(Command::SetNodeAdmin { id, admin })
+            .await?;
         let view = self.raft.view();
         let rec = self
             .raft
@@ -220,7 +227,7 @@ impl Cluster for ClusterApi {
     ) -> Result<Response<pb::VserverInfo>, Status> {
         let spec = convert::spec_from_pb(req.into_inner().spec).map_err(state_status)?;
         let name = spec.name.clone();
-        self.submit(Command::AddVserver(spec)).await?;
+        self.submit_and_catch_up(Command::AddVserver(spec)).await?;
         self.raft
             .read_state(|s| s.vserver(&name).map(convert::vserver_info))
             .map(Response::new)

@@ -553,6 +553,9 @@ impl RaftCore {
     }
 
     fn maybe_snapshot(&mut self) -> Result<(), RaftError> {
+        if self.storage.take_snapshot_wanted() {
+            return self.make_snapshot();
+        }
         if self.applied < self.snapshot_index + self.cfg.snapshot_interval {
             return Ok(());
         }

@@ -5,6 +5,7 @@ use raft::prelude::{ConfState, Entry, HardState, Snapshot};
 use raft::{GetEntriesContext, RaftState, StorageError};
 use raft_engine::{Config as EngineConfig, Engine, LogBatch, MessageExt};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use super::RaftError;
@@ -38,6 +39,9 @@ struct Cached {
 pub struct DiskStorage {
     engine: Arc<Engine>,
     cached: Arc<RwLock<Cached>>,
+    /// Set when raft asked for a snapshot the stored one cannot serve (too
+    /// old, or taken before the recipient joined); the core makes a fresh one.
+    snapshot_wanted: Arc<AtomicBool>,
 }
 
 fn engine_err(e: raft_engine::Error) -> raft::Error {
@@ -76,6 +80,7 @@ impl DiskStorage {
         let storage = DiskStorage {
             engine: Arc::new(engine),
             cached: Arc::new(RwLock::new(cached)),
+            snapshot_wanted: Arc::new(AtomicBool::new(false)),
         };
         storage.check_consistency()?;
         Ok(storage)
@@ -154,6 +159,11 @@ impl DiskStorage {
             .map_err(|e| storage_err("write bootstrap", e))?;
         self.write_cache().conf_state = cs;
         Ok(())
+    }
+
+    /// Whether raft asked for a fresher snapshot since the last call.
+    pub fn take_snapshot_wanted(&self) -> bool {
+        self.snapshot_wanted.swap(false, Ordering::AcqRel)
     }
 
     pub fn bootstrap_peers(&self) -> Option<Vec<u8>> {
@@ -339,9 +349,16 @@ impl raft::Storage for DiskStorage {
         Ok(self.last())
     }
 
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let snap = self.read().snapshot.clone();
-        if snap.get_metadata().index < request_index {
+        let cs = snap.get_metadata().get_conf_state();
+        let knows_recipient = to == 0
+            || cs.voters.contains(&to)
+            || cs.learners.contains(&to)
+            || cs.voters_outgoing.contains(&to)
+            || cs.learners_next.contains(&to);
+        if snap.get_metadata().index < request_index || !knows_recipient {
+            self.snapshot_wanted.store(true, Ordering::Release);
             // The driver makes a fresh one on its next pass.
             return Err(raft::Error::Store(
                 StorageError::SnapshotTemporarilyUnavailable,

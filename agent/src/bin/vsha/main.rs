@@ -240,7 +240,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if json {
                 print_json(&nodes)?;
             } else {
-                print!("{}", output::nodes_table(&nodes));
+                print!("{}", output::nodes_table(&nodes, false));
             }
         }
         Cmd::Node(NodeCmd::Admin { id, state }) => {

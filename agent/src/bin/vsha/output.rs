@@ -162,7 +162,9 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-pub fn nodes_table(nodes: &[NodeJson]) -> String {
+/// `from_leader`: the answer carries the leader's liveness view, so a node
+/// never heard from is unreachable rather than unknown.
+pub fn nodes_table(nodes: &[NodeJson], from_leader: bool) -> String {
     let rows: Vec<Vec<String>> = nodes
         .iter()
         .map(|n| {
@@ -172,7 +174,7 @@ pub fn nodes_table(nodes: &[NodeJson]) -> String {
                 n.role.to_string(),
                 n.membership.clone(),
                 n.admin.to_string(),
-                if n.last_heartbeat_ms.is_none() && !n.reachable {
+                if n.last_heartbeat_ms.is_none() && !n.reachable && !from_leader {
                     "?".into()
                 } else if n.reachable {
                     "yes".into()
@@ -265,7 +267,7 @@ pub fn status_human(s: &StatusJson) -> String {
             String::new()
         }
     ));
-    out.push_str(&nodes_table(&s.nodes));
+    out.push_str(&nodes_table(&s.nodes, !s.stale));
     out.push('\n');
     if s.vservers.is_empty() {
         out.push_str("no vservers (add one: vsha vserver add NAME --ip IPV4[/PREFIX])\n");

@@ -1,0 +1,455 @@
+//! Real `vshad` processes on 127.0.0.1-3 (loopback only), each with its own
+//! data dir, driven through the real `vsha` CLI. Every process is killed and
+//! every dir removed when the test ends, also when it fails.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const VSHAD: &str = env!("CARGO_BIN_EXE_vshad");
+const VSHA: &str = env!("CARGO_BIN_EXE_vsha");
+/// Generous: the machine may be busy; tests wait for conditions, not times.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+struct Agent {
+    id: u64,
+    addr: String,
+    data: PathBuf,
+    config: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    fn start(&mut self, extra: &[&str]) {
+        assert!(self.child.is_none(), "node {} already running", self.id);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(VSHAD)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--node-id", &self.id.to_string(), "--listen", &self.addr])
+            .arg("--data-dir")
+            .arg(&self.data)
+            .args(extra)
+            .env("VSHA_LOG", "info,raft=warn,raft_engine=warn,h2=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawn vshad");
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait: the graceful path.
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .unwrap();
+            let deadline = Instant::now() + PATIENCE;
+            loop {
+                if let Some(status) = c.try_wait().unwrap() {
+                    assert!(
+                        status.success(),
+                        "node {} exited with {status} on SIGTERM",
+                        self.id
+                    );
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "node {} ignored SIGTERM",
+                    self.id
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Owns the processes and their dir; Drop kills what is left.
+struct Cluster {
+    _dir: tempfile::TempDir,
+    agents: Vec<Agent>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            a.kill9();
+        }
+        if std::thread::panicking() {
+            for a in &self.agents {
+                eprintln!("---- log of node {} ----\n{}", a.id, a.log_text());
+            }
+        }
+    }
+}
+
+fn free_port(ip: &str) -> u16 {
+    TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Cluster {
+    /// Nodes 1..=n on 127.0.0.1..n, plus `spare` more configured but not started.
+    fn new(n: u64, spare: u64) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let agents: Vec<Agent> = (1..=n + spare)
+            .map(|id| {
+                let ip = format!("127.0.0.{id}");
+                let addr = format!("{ip}:{}", free_port(&ip));
+                let config = dir.path().join(format!("node{id}.toml"));
+                // Small snapshot interval: new nodes catch up by snapshot.
+                std::fs::write(
+                    &config,
+                    "snapshot_interval = 4\nheartbeat_interval_ms = 200\n",
+                )
+                .unwrap();
+                Agent {
+                    id,
+                    addr,
+                    data: dir.path().join(format!("node{id}")),
+                    config,
+                    log: dir.path().join(format!("node{id}.log")),
+                    child: None,
+                }
+            })
+            .collect();
+        let initial = agents[..n as usize]
+            .iter()
+            .map(|a| format!("{}={}", a.id, a.addr))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut c = Cluster { _dir: dir, agents };
+        for a in &mut c.agents[..n as usize] {
+            a.start(&["--initial-cluster", &initial]);
+        }
+        c
+    }
+
+    fn agent(&mut self, id: u64) -> &mut Agent {
+        &mut self.agents[id as usize - 1]
+    }
+
+    fn addr(&self, id: u64) -> String {
+        self.agents[id as usize - 1].addr.clone()
+    }
+}
+
+fn vsha(endpoint: &str, args: &[&str]) -> Output {
+    Command::new(VSHA)
+        .args(["--endpoint", endpoint])
+        .args(args)
+        .output()
+        .expect("run vsha")
+}
+
+fn vsha_ok(endpoint: &str, args: &[&str]) -> String {
+    let out = vsha(endpoint, args);
+    assert!(
+        out.status.success(),
+        "vsha {args:?} via {endpoint} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn json(endpoint: &str, args: &[&str]) -> Option<Value> {
+    let out = vsha(endpoint, args);
+    if !out.status.success() {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until every listed agent's `vsha status --json` names the same
+/// leader (not `not`) and returns it.
+fn agreed_leader(c: &Cluster, ids: &[u64], not: u64) -> u64 {
+    wait_for("agreement on a leader", || {
+        let leaders: Vec<u64> = ids
+            .iter()
+            .filter_map(|id| json(&c.addr(*id), &["status", "--json"]))
+            // Bootstrapped: the first leader's member list is applied.
+            .filter(|v| v["cluster_id"].as_str().is_some_and(|s| !s.is_empty()))
+            .filter_map(|v| v["leader"].as_u64())
+            .collect();
+        let first = *leaders.first()?;
+        (leaders.len() == ids.len()
+            && first != 0
+            && first != not
+            && leaders.iter().all(|l| *l == first))
+        .then_some(first)
+    })
+}
+
+fn vserver_names(endpoint: &str) -> Option<Vec<String>> {
+    let v = json(endpoint, &["vserver", "list", "--json"])?;
+    Some(
+        v.as_array()?
+            .iter()
+            .filter_map(|x| x["name"].as_str().map(String::from))
+            .collect(),
+    )
+}
+
+fn membership(endpoint: &str, id: u64) -> Option<String> {
+    let v = json(endpoint, &["node", "list", "--json"])?;
+    v.as_array()?
+        .iter()
+        .find(|n| n["id"].as_u64() == Some(id))
+        .and_then(|n| n["membership"].as_str().map(String::from))
+}
+
+#[test]
+fn three_agents_elect_survive_restart_and_change_membership() {
+    let mut c = Cluster::new(3, 1);
+
+    // A leader is elected, and every agent's status agrees on it.
+    let leader = agreed_leader(&c, &[1, 2, 3], 0);
+    let status = json(&c.addr(1), &["status", "--json"]).unwrap();
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    for n in nodes {
+        assert_eq!(n["role"], "voter");
+        assert!(n["addr"].as_str().unwrap().starts_with("127.0.0."));
+    }
+    assert!(status["term"].as_u64().unwrap() >= 1);
+    // The leader's liveness view comes to see every node.
+    wait_for("all nodes reachable", || {
+        let s = json(&c.addr(leader), &["status", "--json"])?;
+        s["nodes"]
+            .as_array()?
+            .iter()
+            .all(|n| n["reachable"] == true)
+            .then_some(())
+    });
+    vsha_ok(
+        &c.addr(2),
+        &["vserver", "add", "web", "--ip", "10.20.0.5/24"],
+    );
+
+    // SIGKILL the leader: the survivors elect another, and a write through a
+    // survivor succeeds.
+    c.agent(leader).kill9();
+    let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|i| *i != leader).collect();
+    let new_leader = agreed_leader(&c, &survivors, leader);
+    assert_ne!(new_leader, leader);
+    let via = c.addr(survivors[0]);
+    vsha_ok(&via, &["vserver", "add", "db", "--ip", "10.20.0.6"]);
+    let s = json(&via, &["status", "--json"]).unwrap();
+    let dead = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"].as_u64() == Some(leader))
+        .unwrap()
+        .clone();
+    assert_eq!(
+        dead["reachable"], false,
+        "a killed node must not look reachable"
+    );
+
+    // The killed node comes back from its data dir and catches up.
+    c.agent(leader).start(&[]);
+    wait_for("the restarted node to see both vservers", || {
+        let names = vserver_names(&format!("{}", c.addr(leader)))?;
+        (names == ["db", "web"]).then_some(())
+    });
+
+    // Restart all three (graceful): nothing is lost.
+    for id in 1..=3 {
+        c.agent(id).stop();
+    }
+    for id in 1..=3 {
+        c.agent(id).start(&[]);
+    }
+    agreed_leader(&c, &[1, 2, 3], 0);
+    for id in 1..=3 {
+        let names = wait_for("vservers after a full restart", || {
+            vserver_names(&c.addr(id))
+        });
+        assert_eq!(names, ["db", "web"], "node {id} lost state over a restart");
+    }
+
+    // Add node 4: a learner until it runs and catches up, then a voter.
+    let a4 = c.addr(4);
+    vsha_ok(&c.addr(1), &["node", "add", "4", &a4]);
+    assert_eq!(membership(&c.addr(1), 4).as_deref(), Some("learner"));
+    let join = c.addr(2);
+    c.agent(4).start(&["--join", &join]);
+    wait_for("node 4 to become a voter", || {
+        (membership(&c.addr(1), 4)? == "voter").then_some(())
+    });
+    let names = wait_for("node 4 to hold the state", || {
+        let n = vserver_names(&a4)?;
+        (n.len() == 2).then_some(n)
+    });
+    assert_eq!(names, ["db", "web"]);
+    // Its log was compacted away long ago: it caught up by snapshot over Peer.
+    assert!(
+        c.agent(4)
+            .log_text()
+            .contains("installed snapshot from the leader"),
+        "node 4 should have caught up by snapshot"
+    );
+
+    // Remove node 4 again.
+    vsha_ok(&c.addr(3), &["node", "rm", "4"]);
+    wait_for("node 4 gone from the member list", || {
+        membership(&c.addr(1), 4).is_none().then_some(())
+    });
+    c.agent(4).kill9();
+    let s = json(&c.addr(1), &["status", "--json"]).unwrap();
+    assert_eq!(s["nodes"].as_array().unwrap().len(), 3);
+    // The cluster still takes writes with its three voters.
+    vsha_ok(&c.addr(3), &["vserver", "rm", "db"]);
+    assert_eq!(vserver_names(&c.addr(1)).unwrap(), ["web"]);
+}
+
+#[test]
+fn bad_requests_name_the_field_and_change_nothing() {
+    let c = Cluster::new(3, 0);
+    agreed_leader(&c, &[1, 2, 3], 0);
+    let ep = c.addr(3);
+    vsha_ok(&ep, &["vserver", "add", "web", "--ip", "10.30.0.5"]);
+    let before = vsha_ok(&ep, &["status", "--json"]);
+    let before: Value = serde_json::from_str(&before).unwrap();
+
+    let cases: &[(&[&str], &str)] = &[
+        (&["vserver", "add", "web", "--ip", "10.30.0.6"], "name"),
+        (&["vserver", "add", "other", "--ip", "10.30.0.5"], "ip"),
+        (&["vserver", "add", "bad", "--ip", "10.30.0"], "ip"),
+        (&["vserver", "add", "bad", "--ip", "10.30.0.9/40"], "prefix"),
+        (&["vserver", "add", "Bad Name", "--ip", "10.30.0.9"], "name"),
+        (&["vserver", "rm", "nope"], "name"),
+        (&["node", "rm", "9"], "id"),
+        (&["node", "add", "5", "127.0.0.1"], "addr"),
+        (&["node", "add", "2", "127.0.0.9:7000"], "id"),
+        (
+            &["pair", "add", "web", "--primary", "1", "--standby", "9"],
+            "nodes",
+        ),
+    ];
+    for (args, field) in cases {
+        let out = vsha(&ep, args);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "vsha {args:?} should fail with exit 1"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(field),
+            "error for {args:?} should name `{field}`: {err}"
+        );
+    }
+    let after: Value = serde_json::from_str(&vsha_ok(&ep, &["status", "--json"])).unwrap();
+    assert_eq!(
+        before["vservers"], after["vservers"],
+        "a refused request changed vservers"
+    );
+    assert_eq!(
+        before["nodes"].as_array().unwrap().len(),
+        after["nodes"].as_array().unwrap().len()
+    );
+
+    // Usage errors exit 2.
+    let out = vsha(&ep, &["vserver", "add", "x"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn no_agent_and_bad_config_are_explained() {
+    // Nothing listens here: the CLI says which address it tried and how to start one.
+    let port = free_port("127.0.0.1");
+    let ep = format!("127.0.0.1:{port}");
+    let out = vsha(&ep, &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&ep) && err.contains("vshad"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let bad: &[(&str, &str)] = &[
+        ("node_id = 1\nlisten = \"nowhere\"\n", "listen"),
+        ("node_id = 0\n", "node_id"),
+        ("node_id = 1\nmax_voters = 12\n", "max_voters"),
+        ("node_id = 1\nunknown_key = 3\n", "unknown_key"),
+        (
+            "node_id = 1\ninitial_cluster = \"2=127.0.0.2:7700\"\n",
+            "initial_cluster",
+        ),
+    ];
+    for (text, field) in bad {
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, text).unwrap();
+        let out = Command::new(VSHAD)
+            .arg("--config")
+            .arg(&p)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(64), "config {text:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(field), "config {text:?}: {err}");
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "a bad config must not create anything"
+    );
+    let missing = Command::new(VSHAD)
+        .args(["--config", "/nonexistent/vshad.toml", "--node-id", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(64));
+    // No cluster state and neither --initial-cluster nor --join: refused clearly.
+    let out = Command::new(VSHAD)
+        .args([
+            "--node-id",
+            "1",
+            "--listen",
+            &format!("127.0.0.1:{}", free_port("127.0.0.1")),
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("empty"))
+        .arg("--config")
+        .arg(Path::new("/dev/null"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--initial-cluster"));
+}
