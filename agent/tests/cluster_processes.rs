@@ -286,7 +286,7 @@ fn three_agents_elect_survive_restart_and_change_membership() {
     // The killed node comes back from its data dir and catches up.
     c.agent(leader).start(&[]);
     wait_for("the restarted node to see both vservers", || {
-        let names = vserver_names(&format!("{}", c.addr(leader)))?;
+        let names = vserver_names(&c.addr(leader))?;
         (names == ["db", "web"]).then_some(())
     });
 

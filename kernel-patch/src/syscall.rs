@@ -33,6 +33,9 @@ pub trait Syscall: Send + Sync {
     fn promote_secondaries(&self, dev: &str) -> Result<()>;
     /// Gratuitous ARP burst for `ip` on `dev`.
     fn announce(&self, dev: &str, ip: Ipv4Addr) -> Result<()>;
+    /// Before taking `ip` over on `dev`: who else answers ARP for it
+    /// (`None` = nobody, or probing is disabled).
+    fn probe_address(&self, dev: &str, ip: Ipv4Addr) -> Result<Option<crate::net::Mac>>;
     /// `new_s_context`.
     fn spawn_context(&self, spec: &ContextSpec, cg: &ContextCgroup) -> Result<Spawned>;
     /// Runs a command inside a running context and waits for it.
@@ -66,6 +69,9 @@ pub struct LinuxSyscall {
     /// Gratuitous ARP rounds and their spacing.
     pub garp_count: u32,
     pub garp_interval: Duration,
+    /// ARP-probe the address before adding it (how long to listen);
+    /// `None` skips the probe (the paper's behaviour).
+    pub arp_probe: Option<Duration>,
 }
 
 impl LinuxSyscall {
@@ -75,6 +81,7 @@ impl LinuxSyscall {
             layout: CgroupLayout::probe()?,
             garp_count: 3,
             garp_interval: Duration::from_millis(1000),
+            arp_probe: None,
         })
     }
 }
@@ -107,6 +114,12 @@ impl Syscall for LinuxSyscall {
     }
     fn announce(&self, dev: &str, ip: Ipv4Addr) -> Result<()> {
         crate::net::gratuitous_arp(dev, ip, self.garp_count, self.garp_interval)
+    }
+    fn probe_address(&self, dev: &str, ip: Ipv4Addr) -> Result<Option<crate::net::Mac>> {
+        match self.arp_probe {
+            Some(wait) => crate::net::arp_probe(dev, ip, 3, wait),
+            None => Ok(None),
+        }
     }
     fn spawn_context(&self, spec: &ContextSpec, cg: &ContextCgroup) -> Result<Spawned> {
         crate::context::new_s_context(spec, cg)
@@ -206,6 +219,10 @@ pub enum Call {
     },
     DeleteLink {
         dev: String,
+    },
+    ProbeAddress {
+        dev: String,
+        ip: Ipv4Addr,
     },
 }
 

@@ -265,12 +265,20 @@ fn stream_changes(
                         }
                     };
                     if frames.iter().all(|f| matches!(f, Frame::Data(_))) {
-                        let mut data = Vec::with_capacity(total as usize);
-                        for f in frames {
-                            if let Frame::Data(d) = f {
-                                data.extend_from_slice(&d);
+                        let data = if frames.len() == 1 {
+                            match frames.pop() {
+                                Some(Frame::Data(d)) => d,
+                                _ => Vec::new(),
                             }
-                        }
+                        } else {
+                            let mut data = Vec::with_capacity(total as usize);
+                            for f in frames {
+                                if let Frame::Data(d) = f {
+                                    data.extend_from_slice(&d);
+                                }
+                            }
+                            data
+                        };
                         if data.len() as u64 != entry.size {
                             return Err(SyncError::Protocol(format!(
                                 "{:?}: {} bytes received, {} declared",

@@ -273,14 +273,22 @@ fn finish(
     root: &Path,
     mut entries: Vec<Entry>,
     prev: Option<&Index>,
+    want: Want<'_>,
     st: &mut ScanStats,
 ) -> Result<Index> {
     sort_entries(&mut entries);
     // Hardlink groups: first name in tree order leads.
     let mut leaders: HashMap<u64, usize> = HashMap::new();
+    // Inodes with several names (a partial rescan may hold a stale link
+    // count for some of them: one name seen with nlink > 1 is enough).
+    let multi: HashSet<u64> = entries
+        .iter()
+        .filter(|e| e.kind != Kind::Dir && e.nlink > 1)
+        .map(|e| e.ino)
+        .collect();
     for i in 0..entries.len() {
         let e = &entries[i];
-        if e.kind != Kind::Dir && e.nlink > 1 {
+        if e.kind != Kind::Dir && multi.contains(&e.ino) {
             match leaders.get(&e.ino) {
                 Some(&l) => {
                     let lp = entries[l].path.clone();
@@ -295,26 +303,30 @@ fn finish(
     let prev_map: HashMap<&[u8], &Entry> = prev
         .map(|p| p.entries.iter().map(|e| (&e.path[..], e)).collect())
         .unwrap_or_default();
-    let need: Vec<usize> = entries
-        .iter()
-        .enumerate()
-        .filter(|(_, e)| e.kind == Kind::File && e.link.is_none())
-        .filter(|(_, e)| match prev_map.get(&e.path[..]) {
-            Some(p) => {
-                !(p.kind == Kind::File
-                    && p.size == e.size
-                    && p.mtime == e.mtime
-                    && p.mtime_nsec == e.mtime_nsec
-                    && p.ino == e.ino)
-            }
-            None => true,
-        })
-        .map(|(i, _)| i)
-        .collect();
-    for e in entries.iter_mut() {
-        if e.kind == Kind::File && e.link.is_none() {
-            if let Some(p) = prev_map.get(&e.path[..]) {
-                e.hash = p.hash;
+    // A cached hash is reused when size, mtime and inode match (inode 0: a
+    // receiver manifest, which has none: size and mtime, like rsync's quick
+    // check). Other files are hashed now if `want` says so, else later while
+    // they are sent (their hash stays zero until then).
+    let mut need = Vec::new();
+    for (i, e) in entries.iter_mut().enumerate() {
+        if e.kind != Kind::File || e.link.is_some() {
+            continue;
+        }
+        let hit = prev_map.get(&e.path[..]).filter(|p| {
+            p.kind == Kind::File
+                && p.size == e.size
+                && p.mtime == e.mtime
+                && p.mtime_nsec == e.mtime_nsec
+                && (p.ino == e.ino || p.ino == 0)
+                && p.hash != [0; 32]
+        });
+        match hit {
+            Some(p) => e.hash = p.hash,
+            None => {
+                e.hash = [0; 32];
+                if want(e) {
+                    need.push(i);
+                }
             }
         }
     }
@@ -343,12 +355,20 @@ fn finish(
 /// Scan the whole tree at `root`; `prev` is the index of the previous round
 /// (hashes of files whose size, mtime and inode did not change are reused).
 pub fn scan(root: &Path, prev: Option<&Index>) -> Result<(Index, ScanStats)> {
+    scan_with(root, prev, &|_| true)
+}
+
+/// Which files without a cached hash must be hashed during the scan.
+pub type Want<'a> = &'a (dyn Fn(&Entry) -> bool + Sync);
+
+/// [`scan`], hashing uncached files only when `want` says so.
+pub fn scan_with(root: &Path, prev: Option<&Index>, want: Want<'_>) -> Result<(Index, ScanStats)> {
     let mut st = ScanStats::default();
     let rootent = stat_entry(root, Vec::new())?;
     let (mut entries, dirs) = walk_from(root, vec![Vec::new()])?;
     st.dirs_listed = dirs;
     entries.push(rootent);
-    let idx = finish(root, entries, prev, &mut st)?;
+    let idx = finish(root, entries, prev, want, &mut st)?;
     Ok((idx, st))
 }
 
@@ -359,8 +379,13 @@ pub fn rescan_dirs(
     root: &Path,
     prev: &Index,
     dirs: &HashSet<Vec<u8>>,
+    want: Want<'_>,
 ) -> Result<(Index, ScanStats)> {
     let mut st = ScanStats::default();
+    if dirs.is_empty() {
+        st.entries = prev.entries.len() as u64;
+        return Ok((prev.clone(), st));
+    }
     let mut changed: Vec<Vec<u8>> = dirs.iter().cloned().collect();
     changed.sort_by(|a, b| key_cmp(a, b));
     // Drop directories that are inside another changed directory's... keep all: cheap.
@@ -423,6 +448,17 @@ pub fn rescan_dirs(
             }
         }
     }
+    // Subdirectories of re-listed directories that are gone (renamed away,
+    // deleted): their whole previous subtree goes.
+    for e in &prev.entries {
+        if e.kind == Kind::Dir
+            && !e.path.is_empty()
+            && listed.contains(crate::entry::split_parent(&e.path).0)
+            && !fresh.contains_key(&e.path)
+        {
+            removed_prefixes.push(e.path.clone());
+        }
+    }
     // New or replaced subdirectories: their previous content (if any) is void.
     removed_prefixes.extend(new_dirs.iter().cloned());
     let (walked, nd) = if new_dirs.is_empty() {
@@ -452,21 +488,11 @@ pub fn rescan_dirs(
     }
     out.extend(fresh.into_values());
     out.extend(walked);
-    // Hardlink followers must be recomputed; nlink of untouched entries may be stale,
-    // so re-stat every member of a group (cheap: few hardlinks).
+    // Hardlink groups are recomputed from inode numbers in `finish` (a stale
+    // link count is harmless: a group needs two names with one inode).
     for e in out.iter_mut() {
-        if e.kind != Kind::Dir && (e.nlink > 1 || e.link.is_some()) {
-            if let Ok(n) = stat_entry(root, e.path.clone()) {
-                let h = e.hash;
-                let (ino, size, mt, ns) = (e.ino, e.size, e.mtime, e.mtime_nsec);
-                *e = n;
-                if e.ino == ino && e.size == size && e.mtime == mt && e.mtime_nsec == ns {
-                    e.hash = h;
-                }
-            }
-        }
         e.link = None;
     }
-    let idx = finish(root, out, Some(prev), &mut st)?;
+    let idx = finish(root, out, Some(prev), want, &mut st)?;
     Ok((idx, st))
 }

@@ -84,6 +84,9 @@ pub struct SenderState {
     pub journal: Option<crate::journal::Journal>,
     /// Full-scan fallbacks so far.
     pub fallbacks: u64,
+    /// The last round failed after the journal was drained: the next round
+    /// must scan in full.
+    pub needs_full: bool,
 }
 
 impl std::fmt::Debug for SenderState {
@@ -146,7 +149,11 @@ pub(crate) fn scan_for_round(
     src: &Path,
     state: &mut SenderState,
     want_journal: bool,
+    cache: Option<&Index>,
+    want: crate::scan::Want<'_>,
 ) -> Result<(Index, bool)> {
+    let cache = state.last.as_ref().or(cache).cloned();
+    let cache = cache.as_ref();
     if want_journal && state.journal.is_none() {
         match crate::journal::Journal::start(src) {
             Ok(j) => state.journal = Some(j),
@@ -156,10 +163,17 @@ pub(crate) fn scan_for_round(
             }
         }
     }
+    if std::mem::take(&mut state.needs_full) {
+        if let Some(j) = state.journal.as_mut() {
+            j.drain();
+        }
+        let (idx, _) = crate::scan::scan_with(src, cache, want)?;
+        return Ok((idx, true));
+    }
     if let (Some(j), Some(prev)) = (state.journal.as_mut(), state.last.as_ref()) {
         match j.changed_dirs(prev) {
             Ok(Some(dirs)) => {
-                let (idx, _) = crate::scan::rescan_dirs(src, prev, &dirs)?;
+                let (idx, _) = crate::scan::rescan_dirs(src, prev, &dirs, want)?;
                 return Ok((idx, false));
             }
             Ok(None) => {
@@ -175,7 +189,7 @@ pub(crate) fn scan_for_round(
         // First round: drain what happened before, the full scan covers it.
         j.drain();
     }
-    let (idx, _) = crate::scan::scan(src, state.last.as_ref())?;
+    let (idx, _) = crate::scan::scan_with(src, cache, want)?;
     Ok((idx, true))
 }
 
@@ -215,9 +229,26 @@ enum Plan {
     Delete(Vec<u8>),
 }
 
-/// The blocking sender. `frozen` is set when the caller froze the source and
-/// bounds the round: past the deadline it aborts (the receiver keeps its snapshot).
+/// The blocking sender. `deadline` is set when the caller froze the source and
+/// bounds the round: past it the round aborts (the receiver keeps its snapshot).
 pub(crate) fn send_blocking(
+    peer: &mut Peer,
+    src: &Path,
+    name: &str,
+    token: Option<&[u8]>,
+    opts: &PushOptions,
+    state: &mut SenderState,
+    deadline: Option<Instant>,
+) -> Result<RoundStats> {
+    let r = send_round_inner(peer, src, name, token, opts, state, deadline);
+    if r.is_err() {
+        // Journal records of this round are consumed: rescan in full next time.
+        state.needs_full = true;
+    }
+    r
+}
+
+fn send_round_inner(
     peer: &mut Peer,
     src: &Path,
     name: &str,
@@ -233,8 +264,6 @@ pub(crate) fn send_blocking(
         token: token.unwrap_or_default().to_vec(),
         flags: opts.unified as u32,
     })?;
-    let (idx, full) = scan_for_round(src, state, opts.journal)?;
-    let scan_duration = t0.elapsed();
     let check_deadline = |peer: &Peer| -> Result<()> {
         if let Some(d) = deadline {
             if Instant::now() > d {
@@ -289,6 +318,19 @@ pub(crate) fn send_blocking(
         }
         i
     };
+    // Hash during the scan only what could match something the receiver
+    // holds (same path or same size); the rest is hashed as it is sent.
+    let t_scan = Instant::now();
+    let remote_sizes: HashSet<u64> = remote
+        .entries
+        .iter()
+        .filter(|e| e.kind == Kind::File)
+        .map(|e| e.size)
+        .collect();
+    let want =
+        |e: &Entry| opts.unified || remote_sizes.contains(&e.size) || remote.get(&e.path).is_some();
+    let (idx, full) = scan_for_round(src, state, opts.journal, Some(&remote), &want)?;
+    let scan_duration = t_scan.elapsed();
     let mut stats = RoundStats {
         entries: idx.entries.len() as u64,
         scan_duration,

@@ -303,8 +303,13 @@ impl Frame {
                 max: MAX_FRAME as u64,
             });
         }
-        let mut r = Reader::new(&body[1..]);
-        let f = match body[0] {
+        Frame::decode_typed(body[0], &body[1..])
+    }
+
+    /// Decode a payload of frame type `ty`.
+    pub fn decode_typed(ty: u8, payload: &[u8]) -> Result<Frame> {
+        let mut r = Reader::new(payload);
+        let f = match ty {
             1 => {
                 let mut m = [0u8; 8];
                 for b in m.iter_mut() {
@@ -458,19 +463,35 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<(Frame
     if n == 0 {
         return Err(malformed("frame", "zero length"));
     }
-    let mut body = vec![0u8; n];
-    r.read_exact(&mut body).await.map_err(|e| {
+    let eof = |e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
             SyncError::Truncated("inside a frame body")
         } else {
             SyncError::Stream(e)
         }
-    })?;
-    Ok(Some((Frame::decode(&body)?, n + 4)))
+    };
+    let ty = r.read_u8().await.map_err(eof)?;
+    let mut payload = vec![0u8; n - 1];
+    r.read_exact(&mut payload).await.map_err(eof)?;
+    // Content moves without another copy.
+    let f = if ty == 14 {
+        Frame::Data(payload)
+    } else {
+        Frame::decode_typed(ty, &payload)?
+    };
+    Ok(Some((f, n + 4)))
 }
 
 /// Write one frame.
 pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<usize> {
+    if let Frame::Data(d) = f {
+        // Header, then the content as it is (no re-encoding copy).
+        let mut h = ((d.len() + 1) as u32).to_le_bytes().to_vec();
+        h.push(14);
+        w.write_all(&h).await.map_err(SyncError::Stream)?;
+        w.write_all(d).await.map_err(SyncError::Stream)?;
+        return Ok(d.len() + 5);
+    }
     let b = f.encode();
     w.write_all(&b).await.map_err(SyncError::Stream)?;
     Ok(b.len())
