@@ -80,6 +80,7 @@ impl NetworkMode for SharedStack {
         // ipv4root before any process runs in the cgroup
         sys.set_ipv4root(cg, ip, spec.allow_ipv6)?;
         if let Some(dev) = &spec.dev {
+            refuse_if_taken(sys, dev, ip)?;
             sys.promote_secondaries(dev)?;
             if sys.add_address(dev, ip, prefix, spec.broadcast)? == crate::net::AddrChange::Done {
                 st.alias = Some((dev.clone(), ip, prefix));
@@ -120,10 +121,13 @@ impl NetworkMode for NetNs {
     }
     fn before_spawn(
         &self,
-        _sys: &dyn Syscall,
+        sys: &dyn Syscall,
         spec: &VserverSpec,
         _cg: &ContextCgroup,
     ) -> Result<NetState> {
+        if let (Some((ip, _)), Some(dev)) = (spec.ipv4(), &spec.dev) {
+            refuse_if_taken(sys, dev, ip)?;
+        }
         Ok(NetState {
             alias: None,
             link: spec.ipv4().map(|_| crate::net::host_veth_name(&spec.name)),
@@ -155,6 +159,17 @@ impl NetworkMode for NetNs {
         }
         Ok(())
     }
+}
+
+/// Fails when another machine answers ARP for `ip` on `dev`.
+fn refuse_if_taken(sys: &dyn Syscall, dev: &str, ip: Ipv4Addr) -> Result<()> {
+    if let Some(mac) = sys.probe_address(dev, ip)? {
+        return Err(crate::Error::invalid(
+            format!("address {ip} on {dev}"),
+            format!("already in use by {mac}; refusing to take it over"),
+        ));
+    }
+    Ok(())
 }
 
 /// The mode object for a spec.

@@ -315,6 +315,13 @@ impl Syscall for RecordingSyscall {
             ip,
         })
     }
+    fn probe_address(&self, dev: &str, ip: Ipv4Addr) -> Result<Option<crate::net::Mac>> {
+        self.rec(Call::ProbeAddress {
+            dev: dev.into(),
+            ip,
+        })?;
+        Ok(None)
+    }
     fn spawn_context(&self, spec: &ContextSpec, _cg: &ContextCgroup) -> Result<Spawned> {
         self.rec(Call::SpawnContext {
             command: spec.command.clone(),

@@ -47,6 +47,7 @@ fn start_attaches_ipv4root_before_the_first_process_and_announces_after() {
             "RunHook",
             "CreateCgroup",
             "SetIpv4root",
+            "ProbeAddress",
             "PromoteSecondaries",
             "AddAddress",
             "SpawnContext",
@@ -61,7 +62,7 @@ fn start_attaches_ipv4root_before_the_first_process_and_announces_after() {
     }));
     assert!(matches!(&calls[1], Call::CreateCgroup { limits, .. } if limits.nproc == Some(100)));
     assert!(
-        matches!(&calls[5], Call::SpawnContext { hostname: Some(h), caps, .. } if h == "web" && *caps == vsha_kernel::capabilities::CapMask::secure().0)
+        matches!(&calls[6], Call::SpawnContext { hostname: Some(h), caps, .. } if h == "web" && *caps == vsha_kernel::capabilities::CapMask::secure().0)
     );
     assert_eq!(
         calls[0],

@@ -851,3 +851,53 @@ fn ctx_exec_with_a_root_pivots_into_the_tree() {
         "--cap adds back: {o}"
     );
 }
+
+#[test]
+fn start_refuses_an_address_another_machine_answers_for() {
+    if !need_root() {
+        return;
+    }
+    let t = tag();
+    let pair = Pair::new(&t);
+    let env = Env::new(&t);
+    pair.host.enter();
+    let name = format!("vs{t}");
+    let tree = env.tree(&name);
+    let mut spec = VserverSpec::new(&name, &tree);
+    // the peer namespace already holds .2
+    spec.ip = Some(format!("{}/24", pair.ip(2)));
+    spec.dev = Some("va".into());
+    spec.start = idle_init();
+    write_spec(&env, &spec);
+    let mut s = sys(1);
+    s.arp_probe = Some(Duration::from_secs(3));
+    let e = local::start_with(&s, &env.paths, &spec)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("already in use"), "{e}");
+    assert!(
+        !env.v2_parent().join(&name).exists(),
+        "nothing left after the refusal"
+    );
+    let shown = sh_ok(&format!("ip -n {} -4 addr show dev va", pair.host.name));
+    assert!(!shown.contains(&format!("{}/24", pair.ip(2))), "{shown}");
+
+    // a free address passes the probe; the configured stop command stops it
+    spec.ip = Some(format!("{}/24", pair.ip(10)));
+    spec.stop = vec![
+        "/bin/sh".into(),
+        "-c".into(),
+        "echo via-stop-command > /tmp/stopped; kill -TERM 1".into(),
+    ];
+    write_spec(&env, &spec);
+    let st = local::start_with(&s, &env.paths, &spec).unwrap();
+    local::stop_with(&s, &env.paths, &spec, &st).unwrap();
+    assert_eq!(
+        std::fs::read_to_string(tree.join("tmp/stopped"))
+            .unwrap()
+            .trim(),
+        "via-stop-command"
+    );
+    assert!(!st.cgroup.v2.exists());
+    assert!(no_process_in(&env));
+}
