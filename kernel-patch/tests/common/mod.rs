@@ -83,7 +83,13 @@ impl Netns {
 impl Drop for Netns {
     fn drop(&mut self) {
         // kill anything the test left running in it, then delete
-        let _ = sh(&format!("ip netns pids {} | xargs -r kill -9", self.name));
+        // (never ourselves: with --test-threads=1 the test runs on the main
+        // thread, which may be inside this namespace)
+        let _ = sh(&format!(
+            "ip netns pids {} | grep -vx {} | xargs -r kill -9",
+            self.name,
+            std::process::id()
+        ));
         let _ = sh(&format!("ip netns del {}", self.name));
     }
 }
