@@ -53,9 +53,13 @@ impl std::fmt::Debug for Journal {
 impl Journal {
     /// Mark the whole filesystem holding `root` (needs CAP_SYS_ADMIN).
     pub fn start(root: &Path) -> Result<Journal> {
+        // An unlimited queue: a FILESYSTEM mark sees every write on the
+        // filesystem (other trees, the receiver itself), and an overflow
+        // costs a full scan.
         let flags = InitFlags::FAN_CLASS_NOTIF
             | InitFlags::FAN_CLOEXEC
             | InitFlags::FAN_NONBLOCK
+            | InitFlags::FAN_UNLIMITED_QUEUE
             | InitFlags::from_bits_retain(
                 libc_flags::FAN_REPORT_DFID_NAME | libc_flags::FAN_REPORT_FID,
             );

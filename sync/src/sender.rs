@@ -327,8 +327,15 @@ fn send_round_inner(
         .filter(|e| e.kind == Kind::File)
         .map(|e| e.size)
         .collect();
-    let want =
-        |e: &Entry| opts.unified || remote_sizes.contains(&e.size) || remote.get(&e.path).is_some();
+    // Large files changed in place go as deltas, which hash them as they are
+    // read: no separate hashing pass over them.
+    let want = |e: &Entry| {
+        opts.unified
+            || match remote.get(&e.path) {
+                Some(r) => !(r.kind == Kind::File && r.size >= DELTA_MIN && e.size >= DELTA_MIN),
+                None => remote_sizes.contains(&e.size),
+            }
+    };
     let (idx, full) = scan_for_round(src, state, opts.journal, Some(&remote), &want)?;
     let scan_duration = t_scan.elapsed();
     let mut stats = RoundStats {

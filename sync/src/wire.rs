@@ -346,7 +346,7 @@ impl Frame {
             }
             3 | 21 => {
                 let s = String::from_utf8_lossy(r.bytes(65536, "reason")?).into_owned();
-                if body[0] == 3 {
+                if ty == 3 {
                     Frame::Refused(s)
                 } else {
                     Frame::Abort(s)

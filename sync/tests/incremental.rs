@@ -112,3 +112,30 @@ async fn small_change_in_large_file_sends_a_delta() {
         d2.len() as u64
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_sender_needs_no_resend() {
+    init_tracing();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    rich_tree(&src);
+    let mut pair = Pair::new(&t.path().join("dst"));
+    let first = pair.round(&src, "web").await.unwrap();
+    // A sender with no memory: the receiver's manifest is its cache.
+    pair.state = Some(Default::default());
+    let s = pair.round(&src, "web").await.unwrap();
+    assert!(s.unchanged, "{s:?}");
+    assert_eq!(s.seq, first.seq);
+    assert_eq!(s.literal_bytes, 0);
+    // A persisted sender state works the same, without the manifest transfer.
+    let state_file = t.path().join("state");
+    pair.opts.state_file = Some(state_file.clone());
+    pair.state.as_ref().unwrap().save(&state_file).unwrap();
+    pair.state = Some(vsha_sync::SenderState::load(&state_file));
+    let s2 = pair.round(&src, "web").await.unwrap();
+    assert!(s2.unchanged);
+    assert!(
+        s2.bytes_received < s.bytes_received,
+        "manifest was transferred again"
+    );
+}
