@@ -18,45 +18,8 @@ use vsha_agent::command::{Command, ProposalId};
 use vsha_agent::model::{AdminState, Limits, NodeRecord, Role, VserverSpec};
 use vsha_agent::raft_node::{CoreConfig, RaftCore};
 
-type Job = Box<dyn FnOnce(&mut Option<RaftCore>) + Send>;
-
-/// Each node's core lives on a thread of its own: raft-engine caches the
-/// last read block per thread, not per engine, so two engines must never
-/// share a thread. The main thread runs one job at a time on one node and
-/// waits for it, so the simulation stays deterministic.
-struct NodeHost {
-    tx: std::sync::mpsc::Sender<Job>,
-}
-
-impl NodeHost {
-    fn new(core: impl FnOnce() -> RaftCore + Send + 'static) -> NodeHost {
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::spawn(move || {
-            let mut slot = Some(core());
-            while let Ok(job) = rx.recv() {
-                job(&mut slot);
-            }
-        });
-        NodeHost { tx }
-    }
-
-    fn run<R: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut Option<RaftCore>) -> R + Send + 'static,
-    ) -> R {
-        let (rtx, rrx) = std::sync::mpsc::sync_channel(1);
-        self.tx
-            .send(Box::new(move |slot| {
-                let _ = rtx.send(f(slot));
-            }))
-            .expect("node thread alive");
-        rrx.recv().expect("node thread answered")
-    }
-
-    fn up(&self) -> bool {
-        self.run(|c| c.is_some())
-    }
-}
+mod common;
+use common::NodeHost;
 
 struct InFlight {
     deliver_at: u64,

@@ -122,7 +122,8 @@ impl RaftCore {
             if let Some(members) = initial {
                 let voters: Vec<u64> = members.iter().map(|m| m.id).collect();
                 let peers = serde_json::to_vec(members).unwrap_or_default();
-                storage.bootstrap(&voters, peers)?;
+                let state = encode_snapshot(&ClusterState::default())?;
+                storage.bootstrap(&voters, peers, state)?;
             }
         }
         let snap = storage.snapshot_data();
@@ -570,13 +571,7 @@ impl RaftCore {
         }
         let term = raft::Storage::term(&self.storage, index)
             .map_err(|e| RaftError::Raft(format!("term of applied index {index}: {e}")))?;
-        let payload = self.read_state(|s| {
-            serde_json::to_vec(&SnapshotPayload {
-                v: 1,
-                state: s.clone(),
-            })
-        });
-        let payload = payload.map_err(|e| RaftError::Malformed(e.to_string()))?;
+        let payload = self.read_state(encode_snapshot)?;
         let mut snap = Snapshot::default();
         snap.set_data(payload.into());
         let meta = snap.mut_metadata();
@@ -588,6 +583,14 @@ impl RaftCore {
         tracing::debug!(index, "state machine snapshot written; log compacted");
         Ok(())
     }
+}
+
+fn encode_snapshot(state: &ClusterState) -> Result<Vec<u8>, RaftError> {
+    serde_json::to_vec(&SnapshotPayload {
+        v: 1,
+        state: state.clone(),
+    })
+    .map_err(|e| RaftError::Malformed(format!("encoding snapshot: {e}")))
 }
 
 fn decode_snapshot(data: &[u8]) -> Result<ClusterState, RaftError> {

@@ -17,6 +17,8 @@ const KEY_CONF_STATE: &[u8] = b"conf_state";
 const KEY_SNAPSHOT: &[u8] = b"snapshot";
 /// Peer addresses given at bootstrap, so a restart needs no flags.
 const KEY_BOOTSTRAP_PEERS: &[u8] = b"bootstrap_peers";
+/// Index and term of the snapshot every initial member starts from.
+const BOOTSTRAP_INDEX: u64 = 1;
 
 #[derive(Clone)]
 pub struct EntryExt;
@@ -144,20 +146,42 @@ impl DiskStorage {
         self.read().snapshot.clone()
     }
 
-    /// A brand-new member of a bootstrapping cluster: every initial member
-    /// starts from the same ConfState at index 0.
-    pub fn bootstrap(&self, voters: &[u64], peers_json: Vec<u8>) -> Result<(), RaftError> {
+    /// A brand-new member of a bootstrapping cluster. Every initial member
+    /// starts from the same state: a snapshot at index 1, term 1, holding the
+    /// initial voters and `state` (as TiKV does). The log therefore never
+    /// holds index 1, so a node that joins later always starts from a
+    /// snapshot that carries the configuration, instead of replaying a log
+    /// whose first membership is implicit.
+    pub fn bootstrap(
+        &self,
+        voters: &[u64],
+        peers_json: Vec<u8>,
+        state: Vec<u8>,
+    ) -> Result<(), RaftError> {
         let mut cs = ConfState::default();
         cs.set_voters(voters.to_vec());
+        let mut snap = Snapshot::default();
+        snap.set_data(state.into());
+        snap.mut_metadata().index = BOOTSTRAP_INDEX;
+        snap.mut_metadata().term = BOOTSTRAP_INDEX;
+        snap.mut_metadata().set_conf_state(cs.clone());
+        let mut hs = HardState::default();
+        hs.set_term(BOOTSTRAP_INDEX);
+        hs.set_commit(BOOTSTRAP_INDEX);
         let mut batch = LogBatch::default();
         put(&mut batch, KEY_CONF_STATE, &cs)?;
+        put(&mut batch, KEY_SNAPSHOT, &snap)?;
+        put(&mut batch, KEY_HARD_STATE, &hs)?;
         batch
             .put(RID, KEY_BOOTSTRAP_PEERS.to_vec(), peers_json)
             .map_err(|e| storage_err("write bootstrap", e))?;
         self.engine
             .write(&mut batch, true)
             .map_err(|e| storage_err("write bootstrap", e))?;
-        self.write_cache().conf_state = cs;
+        let mut c = self.write_cache();
+        c.conf_state = cs;
+        c.snapshot = snap;
+        c.hard_state = hs;
         Ok(())
     }
 
@@ -386,29 +410,28 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let s = DiskStorage::open(dir.path()).unwrap();
-            s.bootstrap(&[1, 2, 3], b"[]".to_vec()).unwrap();
+            s.bootstrap(&[1, 2, 3], b"[]".to_vec(), b"{}".to_vec())
+                .unwrap();
             let mut hs = HardState::default();
             hs.set_term(2);
             hs.set_vote(1);
             hs.set_commit(2);
-            s.append(&[entry(1, 1), entry(2, 2), entry(3, 2)], Some(&hs))
-                .unwrap();
+            s.append(&[entry(2, 2), entry(3, 2)], Some(&hs)).unwrap();
         }
         let s = DiskStorage::open(dir.path()).unwrap();
         let st = s.initial_state().unwrap();
         assert_eq!(st.hard_state.term, 2);
         assert_eq!(st.hard_state.commit, 2);
         assert_eq!(st.conf_state.voters, vec![1, 2, 3]);
-        assert_eq!(s.first_index().unwrap(), 1);
+        // Index 1 is the bootstrap snapshot; the log starts after it.
+        assert_eq!(s.first_index().unwrap(), 2);
         assert_eq!(s.last_index().unwrap(), 3);
+        assert_eq!(s.term(1).unwrap(), 1);
         assert_eq!(s.term(3).unwrap(), 2);
         let got = s
-            .entries(1, 4, None, GetEntriesContext::empty(false))
+            .entries(2, 4, None, GetEntriesContext::empty(false))
             .unwrap();
-        assert_eq!(
-            got.iter().map(|e| e.index).collect::<Vec<_>>(),
-            vec![1, 2, 3]
-        );
+        assert_eq!(got.iter().map(|e| e.index).collect::<Vec<_>>(), vec![2, 3]);
     }
 
     #[test]
@@ -431,6 +454,7 @@ mod tests {
         let mut snap = Snapshot::default();
         snap.mut_metadata().index = 7;
         snap.mut_metadata().term = 1;
+        snap.mut_metadata().mut_conf_state().voters = vec![1, 2];
         snap.set_data(b"state".to_vec().into());
         s.save_snapshot(&snap).unwrap();
         assert_eq!(s.first_index().unwrap(), 8);
@@ -444,6 +468,9 @@ mod tests {
         assert_eq!(s.first_index().unwrap(), 8);
         assert_eq!(s.last_index().unwrap(), 10);
         assert_eq!(s.snapshot(7, 2).unwrap().data.as_ref(), b"state");
+        // A recipient the snapshot's configuration lacks gets a fresh one.
+        assert!(s.snapshot(7, 3).is_err());
+        assert!(s.take_snapshot_wanted());
     }
 
     #[test]

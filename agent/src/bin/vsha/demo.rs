@@ -276,9 +276,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "\n4. Node {old} restarted from its data dir and caught up (it sees leader {}, vserver web).",
         back.leader_id
     );
-    if let Some(s) = status_of(&addrs[0], false).await {
-        show(&s);
-    }
+    // The leader's liveness view sees the returned node at its next heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let s = loop {
+        if let Some(s) = status_of(&addrs[0], false).await {
+            if s.nodes.iter().all(|n| n.reachable) || Instant::now() > deadline {
+                break s;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    show(&s);
 
     if args.keep {
         println!("\nThe cluster keeps running. Try:\n  vsha --endpoint {} status\n  vsha --endpoint {} vserver list\nCtrl-C stops it.", addrs[0], addrs[1]);
