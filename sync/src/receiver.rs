@@ -225,6 +225,35 @@ fn stream_changes(
     mut a: Applier<'_>,
     name: &str,
 ) -> Result<Received> {
+    let (digest, count) = match stream_changes_inner(peer, &mut a) {
+        Ok(x) => x,
+        Err(e) => {
+            // An error the worker threads found earlier in the stream (a
+            // corrupt file) explains the round better than a later one.
+            a.sync_workers()?;
+            return Err(e);
+        }
+    };
+    let (seq, stats) = a.finish(digest, count)?;
+    // Free the name before answering, so the sender's next round is not refused.
+    drop(busy.take());
+    tracing::info!(%name, seq, changed = stats.changed, deleted = stats.deleted, "round committed");
+    peer.send(Frame::Committed {
+        seq,
+        unified_bytes: stats.unified_bytes,
+    })?;
+    Ok(Received {
+        name: name.to_string(),
+        seq,
+        new_version: true,
+        stats,
+        bytes_received: 0,
+        bytes_sent: 0,
+    })
+}
+
+/// Apply Put/Delete frames until End; returns End's digest and count.
+fn stream_changes_inner(peer: &mut Peer, a: &mut Applier<'_>) -> Result<([u8; 32], u64)> {
     loop {
         match peer.recv()? {
             Frame::Put { entry, source } => {
@@ -324,24 +353,7 @@ fn stream_changes(
                 }
             }
             Frame::Delete(p) => a.delete(&p)?,
-            Frame::End { digest, count } => {
-                let (seq, stats) = a.finish(digest, count)?;
-                // Free the name before answering, so the sender's next round is not refused.
-                drop(busy.take());
-                tracing::info!(%name, seq, changed = stats.changed, deleted = stats.deleted, "round committed");
-                peer.send(Frame::Committed {
-                    seq,
-                    unified_bytes: stats.unified_bytes,
-                })?;
-                return Ok(Received {
-                    name: name.to_string(),
-                    seq,
-                    new_version: true,
-                    stats,
-                    bytes_received: 0,
-                    bytes_sent: 0,
-                });
-            }
+            Frame::End { digest, count } => return Ok((digest, count)),
             Frame::Abort(why) => return Err(SyncError::Aborted(format!("sender aborted: {why}"))),
             f => {
                 return Err(SyncError::Protocol(format!(

@@ -503,7 +503,7 @@ fn send_round_inner(
             _ => None,
         })
         .collect();
-    let (ptx, prx) = sync_channel::<Vec<std::io::Result<Vec<u8>>>>(4);
+    let (ptx, prx) = sync_channel::<Vec<std::io::Result<(Vec<u8>, [u8; 32])>>>(2);
     let src_owned = src.to_path_buf();
     let paths: Vec<(PathBuf, u64)> = small
         .iter()
@@ -511,8 +511,18 @@ fn send_round_inner(
         .collect();
     let prefetch = std::thread::spawn(move || {
         let _ = &src_owned;
-        for batch in paths.chunks(256) {
-            let data: Vec<std::io::Result<Vec<u8>>> = io_pool().install(|| {
+        // Batches of at most 256 files or 64 MiB, read and hashed in parallel.
+        let mut start = 0;
+        while start < paths.len() {
+            let mut end = start;
+            let mut bytes = 0u64;
+            while end < paths.len() && end - start < 256 && (bytes < (64 << 20) || end == start) {
+                bytes += paths[end].1;
+                end += 1;
+            }
+            let batch = &paths[start..end];
+            start = end;
+            let data: Vec<std::io::Result<(Vec<u8>, [u8; 32])>> = io_pool().install(|| {
                 batch
                     .par_iter()
                     .map(|(p, size)| read_small(p, *size))
@@ -523,7 +533,7 @@ fn send_round_inner(
             }
         }
     });
-    let mut pre: std::vec::IntoIter<std::io::Result<Vec<u8>>> = Vec::new().into_iter();
+    let mut pre: std::vec::IntoIter<std::io::Result<(Vec<u8>, [u8; 32])>> = Vec::new().into_iter();
     let mut new_entries: Vec<Entry> = idx.entries.clone();
     peer.send(Frame::Begin)?;
     let mut res = Ok(());
@@ -560,15 +570,16 @@ fn send_round_inner(
                             },
                         };
                         match d {
-                            Some(Ok(mut d)) => {
-                                d.resize(e.size as usize, 0);
-                                let h = *blake3::hash(&d).as_bytes();
+                            Some(Ok((d, h))) => {
                                 stats.literal_bytes += d.len() as u64;
                                 new_entries[*k].hash = h;
                                 let r = if d.is_empty() {
                                     Ok(())
-                                } else {
+                                } else if d.len() <= CHUNK {
                                     peer.send(Frame::Data(d))
+                                } else {
+                                    d.chunks(CHUNK)
+                                        .try_for_each(|c| peer.send(Frame::Data(c.to_vec())))
                                 };
                                 r.and_then(|_| peer.send(Frame::FileEnd(h)))
                             }
@@ -646,22 +657,26 @@ fn send_round_inner(
     Ok(stats)
 }
 
+/// Files read whole (and in parallel) ahead of sending.
 fn is_small(e: &Entry) -> bool {
-    e.size <= CHUNK as u64 && !is_sparse(e)
+    e.size <= 16 << 20 && !is_sparse(e)
 }
 
 fn is_sparse(e: &Entry) -> bool {
     e.blocks.saturating_mul(512) < e.size
 }
 
-fn read_small(p: &Path, size: u64) -> std::io::Result<Vec<u8>> {
+fn read_small(p: &Path, size: u64) -> std::io::Result<(Vec<u8>, [u8; 32])> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags_nofollow()
         .open(p)?;
     let mut v = Vec::with_capacity(size as usize);
     f.take(size).read_to_end(&mut v)?;
-    Ok(v)
+    // A file that shrank since the scan: pad; the next round fixes it.
+    v.resize(size as usize, 0);
+    let h = *blake3::hash(&v).as_bytes();
+    Ok((v, h))
 }
 
 trait NoFollow {

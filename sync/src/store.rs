@@ -467,6 +467,13 @@ fn run_job(job: Job) -> Result<()> {
             entry,
             data,
         } => {
+            // Checked here, in parallel; a mismatch fails the round at the
+            // next submit or barrier.
+            if *blake3::hash(&data).as_bytes() != entry.hash {
+                return Err(SyncError::HashMismatch {
+                    path: entry.display_path(),
+                });
+            }
             let mut f = fsops::create_file(dir.as_fd(), &name, &entry.path)?;
             f.write_all(&data).ctx("write", fsops::p(&entry.path))?;
             fsops::apply_meta_fd(f.as_fd(), &entry, true)
@@ -907,11 +914,6 @@ impl<'a> Applier<'a> {
                 e.display_path()
             )));
         }
-        if *blake3::hash(&data).as_bytes() != hash {
-            return Err(SyncError::HashMismatch {
-                path: e.display_path(),
-            });
-        }
         self.order(&e.path)?;
         self.stats.changed += 1;
         self.stats.literal_bytes += data.len() as u64;
@@ -1098,6 +1100,11 @@ impl<'a> Applier<'a> {
         self.store.commit(&self.name, &self.tree, seq, &idx)?;
         self.store.prune(&self.name, &self.tree)?;
         Ok((seq, self.stats))
+    }
+
+    /// Wait for the worker threads; their first error, if any.
+    pub(crate) fn sync_workers(&mut self) -> Result<()> {
+        self.workers.barrier()
     }
 
     /// Set the unified marker of this tree.
