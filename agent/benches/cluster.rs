@@ -59,12 +59,7 @@ async fn client(addr: &str) -> ClusterClient<Channel> {
 fn spec(i: u64) -> pb::VserverSpec {
     pb::VserverSpec {
         name: format!("bench-{i}"),
-        ip: format!(
-            "10.{}.{}.{}",
-            100 + (i >> 16) % 100,
-            (i >> 8) & 255,
-            (i & 255).max(1)
-        ),
+        ip: std::net::Ipv4Addr::from(0x0a00_0000u32 + i as u32 + 1).to_string(),
         prefix: 24,
         ..Default::default()
     }

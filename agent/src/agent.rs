@@ -108,7 +108,7 @@ pub async fn run(
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown);
+        .serve_with_incoming_shutdown(incoming(listener), shutdown);
     let mut done = spawned.done;
     let result = tokio::select! {
         r = server => r.map_err(|e| AgentError::Server(e.to_string())),
@@ -125,6 +125,19 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
     tracing::info!(node = cfg.node_id, "vshad stopped");
     result
+}
+
+/// Accepted connections with Nagle off: replies are small and latency-bound
+/// (with Nagle, delayed ACKs add ~40 ms to every multi-segment answer).
+fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt;
+    TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }
 
 /// Asks a member whether we were added and who the members are. Retries
