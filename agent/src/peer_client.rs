@@ -62,7 +62,15 @@ impl PeerClients {
         req.set_timeout(wait + Duration::from_secs(1));
         let resp = within(wait + Duration::from_secs(2), client.propose(req))
             .await
-            .map_err(|s| SubmitError::Transport(format!("{addr}: {}", s.message())))?;
+            .map_err(|s| match s.code() {
+                // Not delivered: nothing was proposed.
+                tonic::Code::Unavailable => SubmitError::Transport(format!("{addr}: {}", s.message())),
+                // Delivered, outcome unknown: must not be retried blindly.
+                _ => SubmitError::Timeout(format!(
+                    "forwarded to the leader at {addr} but got no verdict ({}); it may still be applied, check `vsha status --stale` before retrying",
+                    s.message()
+                )),
+            })?;
         let verdict: Result<(), SubmitError> = serde_json::from_slice(&resp.into_inner().result)
             .map_err(|e| SubmitError::Transport(format!("unreadable answer from {addr}: {e}")))?;
         verdict

@@ -115,7 +115,7 @@ impl RaftHandle {
             Ok(Ok(r)) => r,
             Ok(Err(_)) => Err(SubmitError::ShuttingDown),
             Err(_) => Err(SubmitError::Timeout(
-                "the proposal was not applied in time (leadership may have changed); check `vsha status` and retry".into(),
+                "the proposal was not committed in time: the leader may have lost its quorum (a majority of voters unreachable) or leadership changed; it may still be applied later, check `vsha status --stale` before retrying".into(),
             )),
         }
     }

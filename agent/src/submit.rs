@@ -27,6 +27,12 @@ pub enum SubmitError {
     ShuttingDown,
     #[error("could not reach the leader: {0}")]
     Transport(String),
+    #[error("no quorum: the last known leader, node {leader_id} at {leader_addr}, does not answer ({detail}) and no other leader was elected; a majority of voters must be up and reachable (see `vsha status --stale`)")]
+    LeaderUnreachable {
+        leader_id: u64,
+        leader_addr: String,
+        detail: String,
+    },
 }
 
 fn no_quorum_hint(leader_id: u64, leader_addr: &str) -> String {
@@ -65,7 +71,20 @@ impl Submitter {
                 self.raft.propose_local(cmd.clone(), APPLY_WAIT).await
             } else if view.leader_id != 0 {
                 match self.raft.address_of(view.leader_id) {
-                    Some(addr) => self.peers.propose(&addr, view.id, &cmd, APPLY_WAIT).await,
+                    Some(addr) => {
+                        match self.peers.propose(&addr, view.id, &cmd, APPLY_WAIT).await {
+                            // The leader was not reached, so nothing was proposed:
+                            // wait for the election that will follow.
+                            Err(SubmitError::Transport(detail)) => {
+                                Err(SubmitError::LeaderUnreachable {
+                                    leader_id: view.leader_id,
+                                    leader_addr: addr,
+                                    detail,
+                                })
+                            }
+                            other => other,
+                        }
+                    }
                     None => Err(SubmitError::NoQuorum {
                         leader_id: view.leader_id,
                         leader_addr: "(address unknown)".into(),
@@ -83,6 +102,7 @@ impl Submitter {
                 Err(
                     e @ (SubmitError::NotLeader { .. }
                     | SubmitError::NoQuorum { .. }
+                    | SubmitError::LeaderUnreachable { .. }
                     | SubmitError::Busy(_)),
                 ) => {
                     last = e;

@@ -393,6 +393,36 @@ fn bad_requests_name_the_field_and_change_nothing() {
 }
 
 #[test]
+fn lost_quorum_is_unavailable_and_stale_reads_still_answer() {
+    let mut c = Cluster::new(3, 0);
+    let leader = agreed_leader(&c, &[1, 2, 3], 0);
+    vsha_ok(&c.addr(1), &["vserver", "add", "web", "--ip", "10.40.0.5"]);
+    wait_for("node 3 applied the write", || {
+        (vserver_names(&c.addr(3))? == ["web"]).then_some(())
+    });
+    // Keep node 3 only (it may or may not have led): no majority is left.
+    let _ = leader;
+    c.agent(1).kill9();
+    c.agent(2).kill9();
+    let ep = c.addr(3);
+    let out = vsha(&ep, &["vserver", "add", "db", "--ip", "10.40.0.6"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unavailable") && err.contains("quorum"),
+        "a write without quorum must say so: {err}"
+    );
+    let out = vsha(&ep, &["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--stale"));
+    // The local view still answers, and shows what was committed.
+    let s = json(&ep, &["status", "--json", "--stale"]).expect("stale status answers");
+    assert_eq!(s["stale"], true);
+    assert_eq!(s["vservers"].as_array().unwrap().len(), 1);
+    assert_eq!(s["vservers"][0]["name"], "web");
+}
+
+#[test]
 fn no_agent_and_bad_config_are_explained() {
     // Nothing listens here: the CLI says which address it tried and how to start one.
     let port = free_port("127.0.0.1");

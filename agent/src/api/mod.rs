@@ -19,7 +19,8 @@ pub fn status(e: SubmitError) -> Status {
         | SubmitError::Busy(_)
         | SubmitError::Timeout(_)
         | SubmitError::ShuttingDown
-        | SubmitError::Transport(_) => Status::unavailable(e.to_string()),
+        | SubmitError::Transport(_)
+        | SubmitError::LeaderUnreachable { .. } => Status::unavailable(e.to_string()),
     }
 }
 
