@@ -125,6 +125,10 @@ impl ClusterApi {
     /// caller reads back here includes its own write.
     async fn submit_and_catch_up(&self, cmd: Command) -> Result<(), Status> {
         self.submit(cmd).await?;
+        // The leader applied it before answering; a follower may lag.
+        if self.raft.view().is_leader {
+            return Ok(());
+        }
         self.barrier(false).await
     }
 }
