@@ -231,11 +231,16 @@ impl Cluster for ClusterApi {
     ) -> Result<Response<pb::VserverInfo>, Status> {
         let spec = convert::spec_from_pb(req.into_inner().spec).map_err(state_status)?;
         let name = spec.name.clone();
-        self.submit_and_catch_up(Command::AddVserver(spec)).await?;
-        self.raft
-            .read_state(|s| s.vserver(&name).map(convert::vserver_info))
-            .map(Response::new)
-            .map_err(state_status)
+        self.submit_and_catch_up(Command::AddVserver(spec.clone()))
+            .await?;
+        // Applied by the cluster; this agent may still be catching up.
+        let info = self
+            .raft
+            .read_state(|s| s.vserver(&name).map(convert::vserver_info));
+        Ok(Response::new(info.unwrap_or_else(|_| pb::VserverInfo {
+            spec: Some(convert::spec_to_pb(&spec)),
+            ..Default::default()
+        })))
     }
 
     async fn remove_vserver(
