@@ -234,14 +234,17 @@ fn stream_changes(
             return Err(e);
         }
     };
+    let store = a.store;
     let (seq, stats) = a.finish(digest, count)?;
-    // Free the name before answering, so the sender's next round is not refused.
-    drop(busy.take());
     tracing::info!(%name, seq, changed = stats.changed, deleted = stats.deleted, "round committed");
-    peer.send(Frame::Committed {
+    let sent = peer.send(Frame::Committed {
         seq,
         unified_bytes: stats.unified_bytes,
-    })?;
+    });
+    store.prune_old(name);
+    // Free the name only now, so two prunes of one tree do not overlap.
+    drop(busy.take());
+    sent?;
     Ok(Received {
         name: name.to_string(),
         seq,

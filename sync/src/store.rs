@@ -25,6 +25,9 @@ use crate::error::{IoCtx, Result, SyncError};
 use crate::fsops::{self, DirCache};
 use crate::scan::Index;
 
+/// How long a round waits for another round of the same name to finish.
+pub const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Default number of versions kept per tree.
 pub const DEFAULT_KEEP: usize = 2;
 
@@ -64,6 +67,7 @@ pub struct Store {
     fd: OwnedFd,
     keep: usize,
     busy: Mutex<HashSet<String>>,
+    freed: std::sync::Condvar,
 }
 
 impl std::fmt::Debug for Store {
@@ -88,6 +92,7 @@ impl Drop for BusyGuard<'_> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&self.name);
+        self.store.freed.notify_all();
     }
 }
 
@@ -141,6 +146,7 @@ impl Store {
             fd,
             keep: keep.max(1),
             busy: Mutex::new(HashSet::new()),
+            freed: std::sync::Condvar::new(),
         })
     }
 
@@ -151,10 +157,22 @@ impl Store {
 
     pub(crate) fn lock(&self, name: &str) -> Result<BusyGuard<'_>> {
         check_name(name)?;
+        // A round that just answered may still be pruning: wait a while for
+        // the name before refusing.
+        let deadline = std::time::Instant::now() + BUSY_WAIT;
         let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
-        if !b.insert(name.to_string()) {
-            return Err(SyncError::Busy(name.to_string()));
+        while b.contains(name) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(SyncError::Busy(name.to_string()));
+            }
+            b = self
+                .freed
+                .wait_timeout(b, left)
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0);
         }
+        b.insert(name.to_string());
         Ok(BusyGuard {
             store: self,
             name: name.to_string(),
@@ -286,6 +304,15 @@ impl Store {
             fsops::remove_tree(v.as_fd(), &s)?;
         }
         Ok(())
+    }
+
+    /// Keep only the newest `keep` versions of `name` (errors are logged: the
+    /// round is committed by then, and a concurrent prune may race).
+    pub fn prune_old(&self, name: &str) {
+        let r = self.tree_dir(name).and_then(|t| self.prune(name, &t));
+        if let Err(e) = r {
+            tracing::warn!(%name, error = %e, "pruning old versions failed");
+        }
     }
 
     /// Keep only the newest `keep` versions.
@@ -1098,7 +1125,8 @@ impl<'a> Applier<'a> {
             digest,
         };
         self.store.commit(&self.name, &self.tree, seq, &idx)?;
-        self.store.prune(&self.name, &self.tree)?;
+        // Pruning old versions is left to the caller, after the sender has
+        // its answer: removing a whole version is O(tree) and not part of the round.
         Ok((seq, self.stats))
     }
 
