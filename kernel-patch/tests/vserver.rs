@@ -549,6 +549,17 @@ fn ipv4root_programs_are_attached_before_the_first_process() {
         assert_eq!(query_count(fd.as_raw_fd(), at).unwrap(), 1, "{at:?}");
     }
     assert!(cg.procs().unwrap().is_empty());
+    // a refused program shows the verifier's reason
+    let bad = [vsha_kernel::bpf::Insn {
+        code: 0x95,
+        regs: 0,
+        off: 0,
+        imm: 0,
+    }]; // exit without r0
+    let e = vsha_kernel::bpf::load(&bad, Inet4Bind)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("verifier log") && e.contains("R0"), "{e}");
     drop(fd);
     cg.remove().unwrap();
     assert!(!cg.v2.exists());
