@@ -14,3 +14,4 @@ pub mod state;
 pub mod submit;
 pub mod transport;
 pub mod validate;
+pub mod controller;

@@ -2,7 +2,9 @@
 
 mod client;
 mod demo;
+mod local;
 mod output;
+mod sync_cmd;
 
 use std::process::ExitCode;
 
@@ -18,6 +20,8 @@ struct Cli {
     /// The agent to talk to.
     #[arg(long, global = true, env = "VSHA_ENDPOINT", default_value = DEFAULT_ENDPOINT, value_name = "HOST:PORT")]
     endpoint: String,
+    #[command(flatten)]
+    local: local::LocalPaths,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -43,6 +47,20 @@ enum Cmd {
     Pair(PairCmd),
     /// Start a 3-node cluster on this machine and show it working.
     Demo(demo::DemoArgs),
+    /// Processes with their vserver (like vps).
+    Ps {
+        /// Host processes too.
+        #[arg(long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Contexts without a vserver spec (chcontext, chbind, reducecap).
+    #[command(subcommand)]
+    Ctx(local::CtxCmd),
+    /// Tree replication between machines (standalone).
+    #[command(subcommand)]
+    Sync(sync_cmd::SyncCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -88,13 +106,18 @@ enum VserverCmd {
     Add(VserverAdd),
     /// Remove a vserver from the cluster.
     Rm { name: String },
-    /// List the cluster's vservers.
+    /// List the cluster's vservers (--local: the vservers running here).
     List {
         #[arg(long)]
         json: bool,
         #[arg(long)]
         stale: bool,
+        /// The local vservers of this machine, like vserver-stat.
+        #[arg(long, conflicts_with = "stale")]
+        local: bool,
     },
+    #[command(flatten)]
+    Local(local::LocalVserverCmd),
 }
 
 #[derive(Args, Debug)]
@@ -157,7 +180,7 @@ fn main() -> ExitCode {
         }
     };
     match rt.block_on(run(cli)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
         Err(e) => {
             eprintln!("vsha: {e:#}");
             ExitCode::FAILURE
@@ -173,15 +196,36 @@ fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
+/// Commands that need no agent; the others are returned to be sent.
+async fn run_offline(cli: Cli) -> anyhow::Result<Result<i32, Cli>> {
+    let code = match cli.cmd {
+        Cmd::Demo(args) => demo::run(args).await.map(|()| 0)?,
+        Cmd::Ps { all, json } => local::ps(&cli.local, all, json)?,
+        Cmd::Ctx(c) => local::ctx(c)?,
+        Cmd::Sync(c) => sync_cmd::run(c).await?,
+        Cmd::Vserver(VserverCmd::Local(c)) => local::vserver(c, &cli.local)?,
+        Cmd::Vserver(VserverCmd::List {
+            json, local: true, ..
+        }) => local::list(&cli.local, json)?,
+        _ => return Ok(Err(cli)),
+    };
+    Ok(Ok(code))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let cli = match run_offline(cli).await? {
+        Ok(code) => return Ok(code),
+        Err(cli) => cli,
+    };
     let ep = cli.endpoint.clone();
     let e = |s: tonic::Status| explain(&ep, s);
-    if let Cmd::Demo(args) = cli.cmd {
-        return demo::run(args).await;
-    }
     let mut c = connect(&cli.endpoint).await?;
     match cli.cmd {
-        Cmd::Demo(_) => unreachable!("handled above"),
+        Cmd::Demo(_)
+        | Cmd::Ps { .. }
+        | Cmd::Ctx(_)
+        | Cmd::Sync(_)
+        | Cmd::Vserver(VserverCmd::Local(_)) => unreachable!("handled by run_offline"),
         Cmd::Status { json, stale } => {
             let s = c
                 .status(pb::StatusRequest { stale })
@@ -293,7 +337,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .map_err(e)?;
             println!("vserver {name} removed");
         }
-        Cmd::Vserver(VserverCmd::List { json, stale }) => {
+        Cmd::Vserver(VserverCmd::List { json, stale, .. }) => {
             let vs = c
                 .list_vservers(pb::ListVserversRequest { stale })
                 .await
@@ -395,5 +439,5 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("pair of {vserver} removed");
         }
     }
-    Ok(())
+    Ok(0)
 }
