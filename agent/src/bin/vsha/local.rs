@@ -17,10 +17,22 @@ use crate::output::table;
 #[derive(Args, Debug, Clone)]
 pub struct LocalPaths {
     /// Directory of the local vservers' NAME.toml (and NAME.sh hooks).
-    #[arg(long, global = true, env = "VSHA_CONFIG_DIR", default_value = "/etc/vsha/vservers", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "VSHA_CONFIG_DIR",
+        default_value = "/etc/vsha/vservers",
+        value_name = "DIR"
+    )]
     pub config_dir: PathBuf,
     /// Run-state directory.
-    #[arg(long, global = true, env = "VSHA_RUN_DIR", default_value = "/run/vsha", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "VSHA_RUN_DIR",
+        default_value = "/run/vsha",
+        value_name = "DIR"
+    )]
     pub run_dir: PathBuf,
 }
 
@@ -42,12 +54,20 @@ pub enum LocalVserverCmd {
         debootstrap: Option<String>,
     },
     /// Start a local vserver (its context, IP, limits, hooks).
-    Start { name: String },
+    Start {
+        name: String,
+    },
     /// Stop it: stop command or SIGTERM, then kill whatever is left.
-    Stop { name: String },
-    Restart { name: String },
+    Stop {
+        name: String,
+    },
+    Restart {
+        name: String,
+    },
     /// A login shell inside the vserver.
-    Enter { name: String },
+    Enter {
+        name: String,
+    },
     /// Run a command inside the running vserver.
     Exec {
         name: String,
@@ -55,7 +75,9 @@ pub enum LocalVserverCmd {
         command: Vec<String>,
     },
     /// Exit 0 if running, 1 if not.
-    Running { name: String },
+    Running {
+        name: String,
+    },
     /// State of one local vserver.
     Status {
         name: String,
@@ -144,15 +166,26 @@ pub fn vserver(cmd: LocalVserverCmd, lp: &LocalPaths) -> anyhow::Result<i32> {
         }
         LocalVserverCmd::Restart { name } => {
             let st = local::restart(&paths, &name)?;
-            println!("vserver {name} restarted: context {}, init pid {}", st.context, st.init_pid);
+            println!(
+                "vserver {name} restarted: context {}, init pid {}",
+                st.context, st.init_pid
+            );
         }
         LocalVserverCmd::Enter { name } => return Ok(local::enter(&paths, &name)?),
         LocalVserverCmd::Exec { name, command } => {
-            return Ok(local::exec(&paths, &name, &command, &ExecOptions::default())?)
+            return Ok(local::exec(
+                &paths,
+                &name,
+                &command,
+                &ExecOptions::default(),
+            )?)
         }
         LocalVserverCmd::Running { name } => {
             let up = local::running(&paths, &name)?;
-            println!("vserver {name} is {}", if up { "running" } else { "stopped" });
+            println!(
+                "vserver {name} is {}",
+                if up { "running" } else { "stopped" }
+            );
             return Ok(if up { 0 } else { 1 });
         }
         LocalVserverCmd::Status { name, json } => {
@@ -163,16 +196,25 @@ pub fn vserver(cmd: LocalVserverCmd, lp: &LocalPaths) -> anyhow::Result<i32> {
                 let rows = vec![vec![
                     s.name.clone(),
                     if s.running { "running" } else { "stopped" }.into(),
-                    s.context.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
-                    s.init_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                    s.context
+                        .map(|c| c.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    s.init_pid
+                        .map(|p| p.to_string())
+                        .unwrap_or_else(|| "-".into()),
                     s.processes.to_string(),
-                    s.uptime_secs.map(|u| format!("{u}s")).unwrap_or_else(|| "-".into()),
+                    s.uptime_secs
+                        .map(|u| format!("{u}s"))
+                        .unwrap_or_else(|| "-".into()),
                     s.ip.clone().unwrap_or_else(|| "-".into()),
                     s.tree.display().to_string(),
                 ]];
                 print!(
                     "{}",
-                    table(&["NAME", "STATE", "CTX", "INIT", "PROCS", "UPTIME", "IP", "TREE"], &rows)
+                    table(
+                        &["NAME", "STATE", "CTX", "INIT", "PROCS", "UPTIME", "IP", "TREE"],
+                        &rows
+                    )
                 );
             }
         }
@@ -239,7 +281,10 @@ pub fn ps(lp: &LocalPaths, all: bool, json: bool) -> anyhow::Result<i32> {
         .collect();
     print!(
         "{}",
-        table(&["PID", "VPID", "CTX", "VSERVER", "UID", "STAT", "COMMAND"], &t)
+        table(
+            &["PID", "VPID", "CTX", "VSERVER", "UID", "STAT", "COMMAND"],
+            &t
+        )
     );
     Ok(0)
 }
@@ -263,6 +308,7 @@ pub fn ctx(cmd: CtxCmd) -> anyhow::Result<i32> {
         command: a.command,
         ..Default::default()
     };
-    local::ctx_exec(&opts).context("vsha ctx exec")
+    local::ctx_exec(&opts)
+        .context("vsha ctx exec")
         .map_err(|e| anyhow!("{e:#}"))
 }

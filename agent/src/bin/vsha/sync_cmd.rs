@@ -45,7 +45,8 @@ fn token(file: &Option<PathBuf>) -> anyhow::Result<Option<Vec<u8>>> {
     match file {
         None => Ok(None),
         Some(f) => {
-            let t = std::fs::read(f).with_context(|| format!("reading --token-file {}", f.display()))?;
+            let t = std::fs::read(f)
+                .with_context(|| format!("reading --token-file {}", f.display()))?;
             let t = String::from_utf8_lossy(&t).trim().as_bytes().to_vec();
             if t.is_empty() {
                 return Err(anyhow!("--token-file {}: the file is empty", f.display()));
@@ -66,7 +67,10 @@ pub async fn run(cmd: SyncCmd) -> anyhow::Result<i32> {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("cannot listen on {listen}"))?;
-            eprintln!("vsha sync: receiving into {} on {listen}; Ctrl-C stops", dir.display());
+            eprintln!(
+                "vsha sync: receiving into {} on {listen}; Ctrl-C stops",
+                dir.display()
+            );
             let shutdown = async {
                 let _ = tokio::signal::ctrl_c().await;
             };
