@@ -62,13 +62,18 @@
 //!   `expect_generation = current`; the state machine must refuse it if the
 //!   placement changed meanwhile. Start/Stop/Restart carry the current
 //!   generation; a node acts only on commands with its current generation.
+//! - Once a move away from generation `g` is proposed, nothing is started
+//!   at `g` again: if the proposal does not apply and the holder is alive,
+//!   the vserver is re-placed on the holder at `g + 1` (`replace`), so the
+//!   compare-and-set lets at most one of the two proposals win.
 //! - A copy reported running on a node that is not the holder gets a `Stop`
 //!   carrying the current generation.
 //!
 //! # How the agent drives it (a later step)
 //!
 //! The agent keeps one `Controller` per process. Its runtime feeds
-//! `BecameLeader`/`LostLeadership` from the raft loop, `LeaseRenewed` from
+//! `BecameLeader` (once the new leader has applied an entry of its own
+//! term) and `LostLeadership` from the raft loop, `LeaseRenewed` from
 //! the liveness heartbeats, reports from the node supervisors, then calls
 //! `step(state, now, Event::Tick)` every heartbeat interval with the applied
 //! state, and executes `take_commands()` in order: a `Sync { final_delta:
@@ -151,12 +156,16 @@ pub struct VserverReport {
 pub enum Event {
     /// Nothing new: re-evaluate with the current time and state.
     Tick,
-    /// This node just became the raft leader.
+    /// This node just became the raft leader. Feed it only once the leader
+    /// has applied an entry of its own term (raft's empty entry), so no
+    /// proposal of an earlier leader can still apply afterwards.
     BecameLeader,
     /// This node is no longer the leader.
     LostLeadership,
     /// The leader received a lease renewal from `node` (at `now.mono_ms`).
-    LeaseRenewed { node: NodeId },
+    LeaseRenewed {
+        node: NodeId,
+    },
     Report(VserverReport),
     /// The newest complete snapshot of `vserver` on `node` holds the
     /// primary's tree as of `source_unix_ms`.
@@ -188,6 +197,10 @@ pub enum MoveReason {
     Failback,
     /// Restarts in place exhausted.
     Health,
+    /// The holder again, at a new generation: a move was proposed but has
+    /// not applied and the holder is back, so the old generation stays
+    /// fenced and the proposal still in flight can never apply.
+    Replace,
 }
 
 impl MoveReason {
@@ -199,6 +212,7 @@ impl MoveReason {
             MoveReason::Drain => "drain",
             MoveReason::Failback => "failback",
             MoveReason::Health => "health",
+            MoveReason::Replace => "replace",
         }
     }
 
@@ -398,13 +412,17 @@ pub struct Controller {
     replicas: BTreeMap<(String, NodeId), u64>,
     in_flight: BTreeMap<String, InFlight>,
     forced: BTreeMap<String, Forced>,
-    /// (vserver, generation) already sent a Start / sync streams.
-    started: BTreeSet<(String, u64)>,
+    /// (vserver, generation) → the step a Start was last sent at.
+    started: BTreeMap<(String, u64), u64>,
+    /// (vserver, generation) whose sync streams were requested.
     synced: BTreeSet<(String, u64)>,
     /// (vserver, generation, restart count) already answered with a Restart.
     restarted: BTreeSet<(String, u64, u32)>,
     /// (vserver, node, generation) already told to stop as a stray copy.
     stray_stopped: BTreeSet<(String, NodeId, u64)>,
+    /// (vserver, generation) a move away from was proposed: until the
+    /// placement changes, nothing is started at that generation again.
+    fenced: BTreeSet<(String, u64)>,
     /// (vserver, kind, generation): alerts raised once per generation.
     alerted: BTreeSet<(String, AlertKind, u64)>,
     seq: u64,
@@ -421,10 +439,11 @@ impl Controller {
             replicas: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             forced: BTreeMap::new(),
-            started: BTreeSet::new(),
+            started: BTreeMap::new(),
             synced: BTreeSet::new(),
             restarted: BTreeSet::new(),
             stray_stopped: BTreeSet::new(),
+            fenced: BTreeSet::new(),
             alerted: BTreeSet::new(),
             seq: 0,
             commands: Vec::new(),
@@ -501,6 +520,7 @@ impl Controller {
         self.synced.clear();
         self.restarted.clear();
         self.stray_stopped.clear();
+        self.fenced.clear();
         self.alerted.clear();
     }
 
@@ -541,7 +561,10 @@ impl Controller {
         let Some(since) = self.leader_since else {
             return false;
         };
-        let last = self.leases.get(&node).map_or(since, |l| l.last_ms.max(since));
+        let last = self
+            .leases
+            .get(&node)
+            .map_or(since, |l| l.last_ms.max(since));
         now.mono_ms
             >= last
                 .saturating_add(self.cfg.lease_ms)
@@ -668,8 +691,19 @@ impl Controller {
         }));
     }
 
-    fn propose(&mut self, name: &str, from: Option<NodeId>, to: NodeId, expect: u64, reason: MoveReason, now: Now) {
+    fn propose(
+        &mut self,
+        name: &str,
+        from: Option<NodeId>,
+        to: NodeId,
+        expect: u64,
+        reason: MoveReason,
+        now: Now,
+    ) {
         let generation = expect.saturating_add(1);
+        if from.is_some() {
+            self.fenced.insert((name.to_string(), expect));
+        }
         self.commands.push(Cmd::Propose(PlacementChange {
             vserver: name.to_string(),
             from,
@@ -744,7 +778,7 @@ impl Controller {
         if self.planned(state, now, name, vs, holder, generation) {
             return;
         }
-        self.keep_running(state, name, vs, holder, generation);
+        self.keep_running(state, now, name, vs, holder, generation);
     }
 
     /// Tells every node that reports a copy it should not run to stop it.
@@ -1062,13 +1096,20 @@ impl Controller {
                 self.alert_now(
                     name,
                     AlertKind::MoveAborted,
-                    format!("{} move off node {holder} abandoned: {why}", f.reason.as_str()),
+                    format!(
+                        "{} move off node {holder} abandoned: {why}",
+                        f.reason.as_str()
+                    ),
                 );
-                self.commands.push(Cmd::Start {
-                    vserver: name.to_string(),
-                    node: holder,
-                    generation,
-                });
+                // Restart it where it was, unless a proposal for this move
+                // is out (then the next step re-places it, see keep_running).
+                if !self.fenced.contains(&(name.to_string(), generation)) {
+                    self.commands.push(Cmd::Start {
+                        vserver: name.to_string(),
+                        node: holder,
+                        generation,
+                    });
+                }
             }
         }
     }
@@ -1078,11 +1119,28 @@ impl Controller {
     fn keep_running(
         &mut self,
         state: &ClusterState,
+        now: Now,
         name: &str,
         vs: &Vserver,
         holder: NodeId,
         generation: u64,
     ) {
+        if self.fenced.contains(&(name.to_string(), generation)) {
+            // A move proposed at this generation may still apply: never run
+            // it again here at this generation; re-place it on its holder at
+            // a new one, which the compare-and-set makes exclusive.
+            if self.can_reassign(now) && !self.proposal_pending(name, now) {
+                self.propose(
+                    name,
+                    Some(holder),
+                    holder,
+                    generation,
+                    MoveReason::Replace,
+                    now,
+                );
+            }
+            return;
+        }
         let report = self
             .latest_report(name, holder, generation)
             .map(|r| r.report.clone());
@@ -1098,7 +1156,17 @@ impl Controller {
             }
             Some((Observed::Running, _)) | Some((Observed::Failed { .. }, _)) => {}
             Some((Observed::Stopped, _)) | None => {
-                if self.started.insert((name.to_string(), generation)) {
+                // Start once; again only if the holder reports it stopped
+                // after the last Start (an agent restart, a self-fence).
+                let key = (name.to_string(), generation);
+                let report_seq = self.latest_report(name, holder, generation).map(|r| r.seq);
+                let due = match (self.started.get(&key), report_seq) {
+                    (None, _) => true,
+                    (Some(&sent), Some(seen)) => seen > sent,
+                    (Some(_), None) => false,
+                };
+                if due {
+                    self.started.insert(key, self.seq);
                     self.commands.push(Cmd::Start {
                         vserver: name.to_string(),
                         node: holder,

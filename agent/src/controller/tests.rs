@@ -2,7 +2,7 @@
 
 use super::*;
 use crate::model::{
-    FailoverGroup, Failback, Limits, NodeRecord, Placement, ReplicaStatus, VserverSpec,
+    Failback, FailoverGroup, Limits, NodeRecord, Placement, ReplicaStatus, VserverSpec,
 };
 use std::net::Ipv4Addr;
 
@@ -48,7 +48,11 @@ fn spec(name: &str, max_rpo_ms: u64) -> VserverSpec {
 /// Nodes 1, 2 (voters), 3 (witness); vserver "web" with group [1, 2].
 fn cluster(failback: Failback) -> ClusterState {
     let mut s = ClusterState::default();
-    for n in [node(1, Role::Voter), node(2, Role::Voter), node(3, Role::Witness)] {
+    for n in [
+        node(1, Role::Voter),
+        node(2, Role::Voter),
+        node(3, Role::Witness),
+    ] {
         s.nodes.insert(n.id, n);
     }
     s.vservers.insert(
@@ -161,17 +165,31 @@ fn unplaced_goes_to_first_eligible_after_leader_grace() {
 #[test]
 fn placement_skips_dead_draining_and_never_picks_witness() {
     let mut s = cluster(Failback::Never);
-    s.vservers.get_mut("web").unwrap().group.as_mut().unwrap().nodes = vec![1, 2];
+    s.vservers
+        .get_mut("web")
+        .unwrap()
+        .group
+        .as_mut()
+        .unwrap()
+        .nodes = vec![1, 2];
     s.nodes.get_mut(&2).unwrap().admin = AdminState::Maintenance;
     let mut c = leader(&s, 0);
-    renew(&mut c, &s, 1000, &[2, 3]); // node 1 silent, 2 in maintenance
-    let cmds = tick(&mut c, &s, 1000);
+    // Node 1 silent, 2 in maintenance: decided as soon as 2 renews.
+    let cmds = renew(&mut c, &s, 1000, &[2, 3]);
     assert!(proposals(&cmds).is_empty());
     let a = alerts(&cmds);
     assert_eq!(a.len(), 1);
     assert_eq!(a[0].kind, AlertKind::NoEligibleNode);
-    assert!(a[0].message.contains("node 1 has no live lease"), "{}", a[0].message);
-    assert!(a[0].message.contains("node 2 is maintenance"), "{}", a[0].message);
+    assert!(
+        a[0].message.contains("node 1 has no live lease"),
+        "{}",
+        a[0].message
+    );
+    assert!(
+        a[0].message.contains("node 2 is maintenance"),
+        "{}",
+        a[0].message
+    );
     // Raised once per generation, not on every tick.
     assert!(tick(&mut c, &s, 1100).is_empty());
 }
@@ -186,9 +204,15 @@ fn failover_waits_for_lease_plus_margin() {
     tick(&mut c, &s, 1000);
     // Node 1 goes silent after its renewal at 1000; node 2 keeps renewing.
     renew(&mut c, &s, 1900, &[2]);
-    assert!(proposals(&tick(&mut c, &s, 2000)).is_empty(), "lease still runs");
+    assert!(
+        proposals(&tick(&mut c, &s, 2000)).is_empty(),
+        "lease still runs"
+    );
     renew(&mut c, &s, 2100, &[2]);
-    assert!(proposals(&tick(&mut c, &s, 2199)).is_empty(), "inside the margin");
+    assert!(
+        proposals(&tick(&mut c, &s, 2199)).is_empty(),
+        "inside the margin"
+    );
     let cmds = tick(&mut c, &s, 2200);
     assert_eq!(
         cmds,
@@ -231,12 +255,15 @@ fn replica_older_than_max_rpo_blocks_failover_with_alert() {
     place(&mut s, "web", 1, 2);
     replica(&mut s, "web", 2, 0); // 5000 ms old at 5000: not younger than max_rpo
     let mut c = leader(&s, 0);
-    renew(&mut c, &s, 4500, &[2]);
-    let cmds = tick(&mut c, &s, 5000);
+    let cmds = renew(&mut c, &s, 5000, &[2]);
     assert!(proposals(&cmds).is_empty());
     let a = alerts(&cmds);
     assert_eq!(a.len(), 1);
-    assert!(a[0].message.contains("older than max_rpo"), "{}", a[0].message);
+    assert!(
+        a[0].message.contains("older than max_rpo"),
+        "{}",
+        a[0].message
+    );
     // A fresher replica arrives: now it fails over.
     c.step(
         &s,
@@ -257,8 +284,7 @@ fn max_rpo_zero_means_no_limit_but_needs_a_replica() {
     s.vservers.get_mut("web").unwrap().spec.max_rpo_ms = 0;
     place(&mut s, "web", 1, 2);
     let mut c = leader(&s, 0);
-    renew(&mut c, &s, 100_000, &[2]);
-    let cmds = tick(&mut c, &s, 100_000);
+    let cmds = renew(&mut c, &s, 100_000, &[2]);
     assert!(proposals(&cmds).is_empty());
     assert!(alerts(&cmds)[0].message.contains("no complete replica"));
     replica(&mut s, "web", 2, 1);
@@ -297,7 +323,10 @@ fn forced_failover_skips_rpo_but_never_the_lease() {
             accept_data_loss: true,
         },
     );
-    assert!(proposals(&c.take_commands()).is_empty(), "lease + margin not over");
+    assert!(
+        proposals(&c.take_commands()).is_empty(),
+        "lease + margin not over"
+    );
     let cmds = tick(&mut c, &s, 2200);
     let p = proposals(&cmds);
     assert_eq!(p.len(), 1);
@@ -334,7 +363,11 @@ fn follower_emits_nothing() {
     let mut c = Controller::new(cfg());
     for t in [0, 5000, 50_000] {
         c.step(&s, Now::at(t), Event::LeaseRenewed { node: 2 });
-        c.step(&s, Now::at(t), report("web", 1, 2, Observed::Failed { reason: "x".into() }, 9));
+        c.step(
+            &s,
+            Now::at(t),
+            report("web", 1, 2, Observed::Failed { reason: "x".into() }, 9),
+        );
         c.step(
             &s,
             Now::at(t),
@@ -387,7 +420,17 @@ fn health_restarts_in_place_then_moves() {
     renew(&mut c, &s, 1000, &[1, 2]);
     c.step(&s, Now::at(1000), report("web", 1, 3, Observed::Running, 0));
     c.take_commands();
-    let failed = |n| report("web", 1, 3, Observed::Failed { reason: "oom".into() }, n);
+    let failed = |n| {
+        report(
+            "web",
+            1,
+            3,
+            Observed::Failed {
+                reason: "oom".into(),
+            },
+            n,
+        )
+    };
     c.step(&s, Now::at(1100), failed(0));
     let restart = Cmd::Restart {
         vserver: "web".into(),
@@ -458,7 +501,10 @@ fn drain_moves_off_and_maintenance_keeps() {
     let mut c = leader(&s, 0);
     renew(&mut c, &s, 1000, &[1, 2]);
     c.step(&s, Now::at(1000), report("web", 1, 1, Observed::Running, 0));
-    assert!(c.take_commands().iter().all(|c| !matches!(c, Cmd::Stop { .. } | Cmd::Propose(_))));
+    assert!(c
+        .take_commands()
+        .iter()
+        .all(|c| !matches!(c, Cmd::Stop { .. } | Cmd::Propose(_))));
     s.nodes.get_mut(&1).unwrap().admin = AdminState::Draining;
     let cmds = tick(&mut c, &s, 1100);
     assert_eq!(
@@ -533,13 +579,13 @@ fn generations_grow_and_stale_in_flight_is_dropped() {
     replica(&mut s, "web", 2, 0);
     s.vservers.get_mut("web").unwrap().spec.max_rpo_ms = 0;
     let mut c = leader(&s, 0);
-    renew(&mut c, &s, 1200, &[2]);
+    renew(&mut c, &s, 1100, &[2]);
     let p = tick(&mut c, &s, 1200);
     assert_eq!(proposals(&p)[0].generation, 10);
     assert_eq!(proposals(&p)[0].expect_generation, 9);
     // Not applied within the retry period: proposed again, same CAS.
     assert!(proposals(&tick(&mut c, &s, 1300)).is_empty());
-    renew(&mut c, &s, 2200, &[2]);
+    renew(&mut c, &s, 2100, &[2]);
     let p = tick(&mut c, &s, 2200);
     assert_eq!(proposals(&p)[0].generation, 10);
 }
