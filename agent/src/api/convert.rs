@@ -69,7 +69,10 @@ pub fn node_info(
     } else {
         "none"
     };
-    let (reachable, age_ms, applied) = if view.is_leader {
+    let (reachable, age_ms, applied) = if n.id == view.id {
+        // The answering node is alive by definition.
+        (true, 0, view.applied)
+    } else if view.is_leader {
         match liveness.get(n.id) {
             Some(h) => {
                 let age = h.at.elapsed();
@@ -77,8 +80,6 @@ pub fn node_info(
             }
             None => (false, -1, 0),
         }
-    } else if n.id == view.id {
-        (true, 0, view.applied)
     } else {
         (false, -1, 0)
     };
