@@ -24,7 +24,9 @@
 //!   [stable=MS] [desired=stopped]`
 //! - `replica vs=web node=1 src=MS` (recorded in the replicated state)
 //! - `admin node=2 state=draining|maintenance|active`
-//! - `leader at=MS`, `follower at=MS`, `tick at=MS`, `renew at=MS nodes=1,2`
+//! - `leader at=MS`, `follower at=MS`, `tick at=MS`
+//! - `renew at=MS nodes=1,2`: one heartbeat round (all observed, then one
+//!   decision)
 //! - `report at=MS vs=web node=2 gen=3 state=running|stopped|failed
 //!   [reason=oom] [restarts=1]`
 //! - `force at=MS vs=web to=1 [loss=true]`
@@ -292,7 +294,7 @@ fn run(h: &mut Harness, line: &str) -> Result<Vec<String>, String> {
                 cfg,
                 pending: Vec::new(),
             };
-            h.step(since, Event::BecameLeader);
+            h.ctl.observe(&h.state, Now::at(since), Event::BecameLeader);
             let up: Vec<NodeId> = h
                 .state
                 .nodes
@@ -301,16 +303,14 @@ fn run(h: &mut Harness, line: &str) -> Result<Vec<String>, String> {
                 .filter(|n| !down.contains(n))
                 .collect();
             for &n in &up {
-                h.step(since, Event::LeaseRenewed { node: n });
+                h.ctl
+                    .observe(&h.state, Now::at(since), Event::LeaseRenewed { node: n });
             }
-            // Only the final evaluation is the case's answer.
-            h.ctl.take_commands();
-            h.pending.clear();
+            // Every live node renewed at `now`; then one decision.
             for &n in &up {
                 h.ctl
-                    .step(&h.state, Now::at(now), Event::LeaseRenewed { node: n });
+                    .observe(&h.state, Now::at(now), Event::LeaseRenewed { node: n });
             }
-            h.ctl.take_commands();
             Ok(show(&h.step(now, Event::Tick)))
         }
         "cluster" => {
@@ -348,12 +348,13 @@ fn run(h: &mut Harness, line: &str) -> Result<Vec<String>, String> {
         "follower" => Ok(show(&h.step(a.req("at")?, Event::LostLeadership))),
         "tick" => Ok(show(&h.step(a.req("at")?, Event::Tick))),
         "renew" => {
+            // One heartbeat round: all renewals observed, then one decision.
             let at = a.req("at")?;
-            let mut out = Vec::new();
             for n in a.nodes("nodes")? {
-                out.extend(h.step(at, Event::LeaseRenewed { node: n }));
+                h.ctl
+                    .observe(&h.state, Now::at(at), Event::LeaseRenewed { node: n });
             }
-            Ok(show(&out))
+            Ok(show(&h.step(at, Event::Tick)))
         }
         "report" => {
             let state = match a.get("state").ok_or("missing state=")? {

@@ -465,6 +465,19 @@ impl Controller {
 
     /// Feeds one event, then re-evaluates every vserver (leader only).
     pub fn step(&mut self, state: &ClusterState, now: Now, event: Event) {
+        self.observe(state, now, event);
+        if self.is_leader() {
+            for (name, vs) in &state.vservers {
+                self.reconcile(state, now, name, vs);
+            }
+        }
+    }
+
+    /// Records one event without re-evaluating: to feed several
+    /// observations of one instant (say every renewal of a heartbeat round)
+    /// before one decision, `observe` each then `step(.., Event::Tick)`.
+    /// Only a forced failover refused on the spot emits something here.
+    pub fn observe(&mut self, state: &ClusterState, now: Now, event: Event) {
         self.seq += 1;
         match event {
             Event::Tick => {}
@@ -497,11 +510,6 @@ impl Controller {
                 to,
                 accept_data_loss,
             } => self.force(state, now, vserver, to, accept_data_loss),
-        }
-        if self.is_leader() {
-            for (name, vs) in &state.vservers {
-                self.reconcile(state, now, name, vs);
-            }
         }
     }
 
