@@ -241,9 +241,10 @@ fn stream_changes(
         seq,
         unified_bytes: stats.unified_bytes,
     });
-    store.prune_old(name);
-    // Free the name only now, so two prunes of one tree do not overlap.
+    // The next round may start now; pruning only removes versions older
+    // than the newest `keep`, never the one a new round builds on.
     drop(busy.take());
+    store.prune_old(name);
     sent?;
     Ok(Received {
         name: name.to_string(),

@@ -68,6 +68,7 @@ pub struct Store {
     keep: usize,
     busy: Mutex<HashSet<String>>,
     freed: std::sync::Condvar,
+    pruning: Mutex<()>,
 }
 
 impl std::fmt::Debug for Store {
@@ -147,6 +148,7 @@ impl Store {
             keep: keep.max(1),
             busy: Mutex::new(HashSet::new()),
             freed: std::sync::Condvar::new(),
+            pruning: Mutex::new(()),
         })
     }
 
@@ -309,6 +311,8 @@ impl Store {
     /// Keep only the newest `keep` versions of `name` (errors are logged: the
     /// round is committed by then, and a concurrent prune may race).
     pub fn prune_old(&self, name: &str) {
+        // One prune at a time per store (two would race on the same directories).
+        let _one = self.pruning.lock().unwrap_or_else(|p| p.into_inner());
         let r = self.tree_dir(name).and_then(|t| self.prune(name, &t));
         if let Err(e) = r {
             tracing::warn!(%name, error = %e, "pruning old versions failed");
