@@ -352,6 +352,9 @@ fn ratio(what: &str, ours: f64, theirs: f64, target: &str, met: bool) {
 
 fn main() {
     let full = std::env::var("VSHA_BENCH_FULL").is_ok();
+    // VSHA_BENCH_CASES=a,b,c,d,e,deb selects cases (default: all).
+    let cases = std::env::var("VSHA_BENCH_CASES").unwrap_or_else(|_| "a,b,c,d,e,deb".into());
+    let want = |c: &str| cases.split(',').any(|x| x.trim() == c);
     let files = env_u64("VSHA_BENCH_FILES", if full { 200_000 } else { 3_000 });
     let bytes = env_u64(
         "VSHA_BENCH_BYTES",
@@ -388,7 +391,10 @@ fn main() {
 
     // (a) initial copy, cold then warm.
     let mut results = Vec::new();
-    for (temp, cold) in [("cold", true), ("warm", false)] {
+    for (temp, cold) in [("cold", true), ("warm", false)]
+        .into_iter()
+        .filter(|_| want("a"))
+    {
         if cold && !cold_ok {
             continue;
         }
@@ -436,7 +442,10 @@ fn main() {
     let (_, _, mut state) = ours.round(&src, "main", &jopts, SenderState::default());
     let _ = rsync(&daemon, &src, "main", &[]);
     // (b) no change.
-    for (temp, cold) in [("warm", false), ("cold", true)] {
+    for (temp, cold) in [("warm", false), ("cold", true)]
+        .into_iter()
+        .filter(|_| want("b"))
+    {
         if cold && !cold_ok {
             continue;
         }
@@ -486,198 +495,201 @@ fn main() {
             rs / js >= 20.0,
         );
     }
-    // (c) 0.1 % changed, warm, journal.
-    let n = mutate(&src, 0.001, 7);
-    let (rs, rb) = rsync(&daemon, &src, "main", &[]);
-    line(
-        &format!("(c) 0.1% changed ({n} ops) warm"),
-        "rsync daemon",
-        rs,
-        rb,
-    );
-    let (os, st, s2) = ours.round(&src, "main", &jopts, state);
-    state = s2;
-    line(
-        &format!("(c) 0.1% changed ({n} ops) warm, journal"),
-        "vsha-sync",
-        os,
-        st.bytes_sent + st.bytes_received,
-    );
-    println!(
-        "    files_changed={} deleted={} full_scan={}",
-        st.files_changed, st.files_deleted, st.full_scan
-    );
-    ratio(
-        "(c) 0.1% change, journal: rsync/ours",
-        os,
-        rs,
-        ">= 10x",
-        rs / os >= 10.0,
-    );
-    let n2 = mutate(&src, 0.001, 8);
-    let (rs2, _) = rsync(&daemon, &src, "main", &[]);
-    let (os2, st2, s3) = ours.round(&src, "main", &nopts, state);
-    state = s3;
-    line(
-        &format!("(c) 0.1% changed ({n2} ops) warm"),
-        "rsync daemon",
-        rs2,
-        0,
-    );
-    line(
-        &format!("(c) 0.1% changed ({n2} ops) warm, no journal"),
-        "vsha-sync",
-        os2,
-        st2.bytes_sent + st2.bytes_received,
-    );
-    ratio(
-        "(c) 0.1% change, no journal: rsync/ours",
-        os2,
-        rs2,
-        "(info)",
-        true,
-    );
-    let v = vsha_sync::verify(&src, &w.join("ours-dst/main")).unwrap();
-    println!("    verify(src, ours-dst/main): {} differences", v.len());
-
-    // (d) big file, 4 MiB changed in the middle.
-    let bsrc = w.join("bigsrc");
-    std::fs::create_dir_all(&bsrc).unwrap();
-    {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-        let mut f = std::fs::File::create(bsrc.join("disk.img")).unwrap();
-        let mut buf = vec![0u8; 8 << 20];
-        let mut left = bigfile;
-        while left > 0 {
-            let k = left.min(buf.len() as u64) as usize;
-            rng.fill_bytes(&mut buf[..k]);
-            f.write_all(&buf[..k]).unwrap();
-            left -= k as u64;
+    if want("c") {
+        // (c) 0.1 % changed, warm, journal.
+        let n = mutate(&src, 0.001, 7);
+        let (rs, rb) = rsync(&daemon, &src, "main", &[]);
+        line(
+            &format!("(c) 0.1% changed ({n} ops) warm"),
+            "rsync daemon",
+            rs,
+            rb,
+        );
+        let (os, st, s2) = ours.round(&src, "main", &jopts, state);
+        state = s2;
+        line(
+            &format!("(c) 0.1% changed ({n} ops) warm, journal"),
+            "vsha-sync",
+            os,
+            st.bytes_sent + st.bytes_received,
+        );
+        println!(
+            "    files_changed={} deleted={} full_scan={}",
+            st.files_changed, st.files_deleted, st.full_scan
+        );
+        ratio(
+            "(c) 0.1% change, journal: rsync/ours",
+            os,
+            rs,
+            ">= 10x",
+            rs / os >= 10.0,
+        );
+        let n2 = mutate(&src, 0.001, 8);
+        let (rs2, _) = rsync(&daemon, &src, "main", &[]);
+        let (os2, st2, s3) = ours.round(&src, "main", &nopts, state);
+        state = s3;
+        line(
+            &format!("(c) 0.1% changed ({n2} ops) warm"),
+            "rsync daemon",
+            rs2,
+            0,
+        );
+        line(
+            &format!("(c) 0.1% changed ({n2} ops) warm, no journal"),
+            "vsha-sync",
+            os2,
+            st2.bytes_sent + st2.bytes_received,
+        );
+        ratio(
+            "(c) 0.1% change, no journal: rsync/ours",
+            os2,
+            rs2,
+            "(info)",
+            true,
+        );
+        let v = vsha_sync::verify(&src, &w.join("ours-dst/main")).unwrap();
+        println!("    verify(src, ours-dst/main): {} differences", v.len());
+    }
+    if want("d") {
+        // (d) big file, 4 MiB changed in the middle.
+        let bsrc = w.join("bigsrc");
+        std::fs::create_dir_all(&bsrc).unwrap();
+        {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+            let mut f = std::fs::File::create(bsrc.join("disk.img")).unwrap();
+            let mut buf = vec![0u8; 8 << 20];
+            let mut left = bigfile;
+            while left > 0 {
+                let k = left.min(buf.len() as u64) as usize;
+                rng.fill_bytes(&mut buf[..k]);
+                f.write_all(&buf[..k]).unwrap();
+                left -= k as u64;
+            }
+            // An older mtime, so the change below is visible to rsync's quick check.
+            f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
+                .unwrap();
         }
-        // An older mtime, so the change below is visible to rsync's quick check.
-        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))
-            .unwrap();
+        let _ = rsync(&daemon, &bsrc, "big", &[]);
+        let (_, _, bstate) = ours.round(&bsrc, "big", &nopts, SenderState::default());
+        {
+            use std::os::unix::fs::FileExt;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+            let mut chunk = vec![0u8; 4 << 20];
+            rng.fill_bytes(&mut chunk);
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(bsrc.join("disk.img"))
+                .unwrap();
+            f.write_all_at(&chunk, bigfile / 2 - (1 << 20) + 12345)
+                .unwrap();
+        }
+        sync_all();
+        let (rs, rb) = rsync(&daemon, &bsrc, "big", &[]);
+        line(
+            "(d) big file, 4 MiB changed, warm",
+            "rsync daemon (delta)",
+            rs,
+            rb,
+        );
+        let (os, st, _) = ours.round(&bsrc, "big", &nopts, bstate);
+        let ob = st.bytes_sent + st.bytes_received;
+        line(
+            "(d) big file, 4 MiB changed, warm",
+            "vsha-sync (delta)",
+            os,
+            ob,
+        );
+        let h = |p: &Path| blake3::hash(&std::fs::read(p).unwrap());
+        let same = h(&bsrc.join("disk.img")) == h(&w.join("ours-dst/big/disk.img"));
+        println!(
+            "    blake3(src) == blake3(ours dst): {same}; literal {} matched {}",
+            st.literal_bytes, st.matched_bytes
+        );
+        ratio(
+            "(d) wire bytes ours/rsync",
+            rb as f64,
+            ob as f64,
+            "<= 1.05",
+            (ob as f64) <= 1.05 * rb as f64,
+        );
+        ratio("(d) time rsync/ours", os, rs, ">= 1.0x", os <= rs);
     }
-    let _ = rsync(&daemon, &bsrc, "big", &[]);
-    let (_, _, bstate) = ours.round(&bsrc, "big", &nopts, SenderState::default());
-    {
-        use std::os::unix::fs::FileExt;
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let mut chunk = vec![0u8; 4 << 20];
-        rng.fill_bytes(&mut chunk);
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(bsrc.join("disk.img"))
-            .unwrap();
-        f.write_all_at(&chunk, bigfile / 2 - (1 << 20) + 12345)
-            .unwrap();
-    }
-    sync_all();
-    let (rs, rb) = rsync(&daemon, &bsrc, "big", &[]);
-    line(
-        "(d) big file, 4 MiB changed, warm",
-        "rsync daemon (delta)",
-        rs,
-        rb,
-    );
-    let (os, st, _) = ours.round(&bsrc, "big", &nopts, bstate);
-    let ob = st.bytes_sent + st.bytes_received;
-    line(
-        "(d) big file, 4 MiB changed, warm",
-        "vsha-sync (delta)",
-        os,
-        ob,
-    );
-    let h = |p: &Path| blake3::hash(&std::fs::read(p).unwrap());
-    let same = h(&bsrc.join("disk.img")) == h(&w.join("ours-dst/big/disk.img"));
-    println!(
-        "    blake3(src) == blake3(ours dst): {same}; literal {} matched {}",
-        st.literal_bytes, st.matched_bytes
-    );
-    ratio(
-        "(d) wire bytes ours/rsync",
-        rb as f64,
-        ob as f64,
-        "<= 1.05",
-        (ob as f64) <= 1.05 * rb as f64,
-    );
-    ratio("(d) time rsync/ours", os, rs, ">= 1.0x", os <= rs);
-
-    // (e) lag under a writer touching 100 files/s, continuous journal rounds.
-    // On the main tree (the 200k-file tree in full mode).
-    let lsrc = src.clone();
-    let lag_files: Vec<PathBuf> = (0..100).map(|i| lsrc.join(format!("touch{i}"))).collect();
-    for p in &lag_files {
-        std::fs::write(p, b"x").unwrap();
-    }
-    let (_, _, mut lstate) = ours.round(&lsrc, "main", &jopts, state);
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
-    let (s2, w2, lf) = (stop.clone(), writes.clone(), lag_files.clone());
-    let writer = std::thread::spawn(move || {
-        let mut i = 0;
-        let start = Instant::now();
-        while !s2.load(std::sync::atomic::Ordering::Relaxed) {
-            let f = std::fs::File::open(&lf[i % lf.len()]).unwrap();
-            let now = Instant::now();
-            f.set_modified(std::time::SystemTime::now()).unwrap();
-            w2.lock().unwrap().push(now);
-            i += 1;
-            let next = start + Duration::from_millis(10 * i as u64);
-            if let Some(d) = next.checked_duration_since(Instant::now()) {
-                std::thread::sleep(d);
+    if want("e") {
+        // (e) lag under a writer touching 100 files/s, continuous journal rounds.
+        // On the main tree (the 200k-file tree in full mode).
+        let lsrc = src.clone();
+        let lag_files: Vec<PathBuf> = (0..100).map(|i| lsrc.join(format!("touch{i}"))).collect();
+        for p in &lag_files {
+            std::fs::write(p, b"x").unwrap();
+        }
+        let (_, _, mut lstate) = ours.round(&lsrc, "main", &jopts, state);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writes = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Instant>::new()));
+        let (s2, w2, lf) = (stop.clone(), writes.clone(), lag_files.clone());
+        let writer = std::thread::spawn(move || {
+            let mut i = 0;
+            let start = Instant::now();
+            while !s2.load(std::sync::atomic::Ordering::Relaxed) {
+                let f = std::fs::File::open(&lf[i % lf.len()]).unwrap();
+                let now = Instant::now();
+                f.set_modified(std::time::SystemTime::now()).unwrap();
+                w2.lock().unwrap().push(now);
+                i += 1;
+                let next = start + Duration::from_millis(10 * i as u64);
+                if let Some(d) = next.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(d);
+                }
+            }
+        });
+        let mut rounds: Vec<(Instant, Instant)> = Vec::new(); // (scan start, commit)
+        let t_end = Instant::now() + Duration::from_secs(lag_secs);
+        while Instant::now() < t_end {
+            let start = Instant::now();
+            let (r, st) = ours.rt.block_on(vsha_sync::push_round(
+                &lsrc, &ours.addr, "lag", None, &jopts, lstate,
+            ));
+            lstate = st;
+            r.expect("lag round");
+            rounds.push((start, Instant::now()));
+            if let Some(j) = lstate.journal.as_ref() {
+                j.wait(Duration::from_millis(200));
             }
         }
-    });
-    let mut rounds: Vec<(Instant, Instant)> = Vec::new(); // (scan start, commit)
-    let t_end = Instant::now() + Duration::from_secs(lag_secs);
-    while Instant::now() < t_end {
-        let start = Instant::now();
-        let (r, st) = ours.rt.block_on(vsha_sync::push_round(
-            &lsrc, &ours.addr, "lag", None, &jopts, lstate,
-        ));
-        lstate = st;
-        r.expect("lag round");
-        rounds.push((start, Instant::now()));
-        if let Some(j) = lstate.journal.as_ref() {
-            j.wait(Duration::from_millis(200));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().unwrap();
+        let mut lags: Vec<f64> = writes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|w| {
+                rounds
+                    .iter()
+                    .find(|(s, _)| s >= w)
+                    .map(|(_, c)| (*c - *w).as_secs_f64())
+            })
+            .collect();
+        lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        if !lags.is_empty() {
+            let p = |q: f64| lags[((lags.len() as f64 * q) as usize).min(lags.len() - 1)];
+            println!(
+                "(e) lag ({} entries) under 100 touches/s over {lag_secs} s:",
+                lstate.last.as_ref().map(|i| i.entries.len()).unwrap_or(0)
+            );
+            println!(
+                "    {} writes, {} rounds, p50 {:.3} s, p99 {:.3} s, max {:.3} s",
+                lags.len(),
+                rounds.len(),
+                p(0.5),
+                p(0.99),
+                lags[lags.len() - 1]
+            );
+            println!(
+                "RATIO (e) lag p99 {:.3} s                                target <= 1 s       {}",
+                p(0.99),
+                if p(0.99) <= 1.0 { "MET" } else { "MISSED" }
+            );
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.join().unwrap();
-    let mut lags: Vec<f64> = writes
-        .lock()
-        .unwrap()
-        .iter()
-        .filter_map(|w| {
-            rounds
-                .iter()
-                .find(|(s, _)| s >= w)
-                .map(|(_, c)| (*c - *w).as_secs_f64())
-        })
-        .collect();
-    lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if !lags.is_empty() {
-        let p = |q: f64| lags[((lags.len() as f64 * q) as usize).min(lags.len() - 1)];
-        println!(
-            "(e) lag ({} entries) under 100 touches/s over {lag_secs} s:",
-            lstate.last.as_ref().map(|i| i.entries.len()).unwrap_or(0)
-        );
-        println!(
-            "    {} writes, {} rounds, p50 {:.3} s, p99 {:.3} s, max {:.3} s",
-            lags.len(),
-            rounds.len(),
-            p(0.5),
-            p(0.99),
-            lags[lags.len() - 1]
-        );
-        println!(
-            "RATIO (e) lag p99 {:.3} s                                target <= 1 s       {}",
-            p(0.99),
-            if p(0.99) <= 1.0 { "MET" } else { "MISSED" }
-        );
-    }
-
     // Debootstrap tree, full mode only.
     if full
         && Command::new("debootstrap")
