@@ -15,7 +15,8 @@
 //! - `runs_after_heal` (liveness): once every fault heals, every vserver with
 //!   a group runs on its holder.
 //!
-//! A failure names the seed; rerun one with `CONTROLLER_SEED=N`.
+//! A failure names the seed; rerun one with `CONTROLLER_SEED=N`; run more
+//! with `CONTROLLER_SEEDS=N` (default 300).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -632,13 +633,17 @@ fn controller_invariants_hold_over_random_histories() {
         eprintln!("{:?}", run_seed(seed));
         return;
     }
+    let seeds: u64 = std::env::var("CONTROLLER_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
     let mut total: BTreeMap<String, u64> = BTreeMap::new();
-    for seed in 0..300u64 {
+    for seed in 0..seeds {
         for (k, v) in run_seed(seed) {
             *total.entry(k).or_insert(0) += v;
         }
     }
-    eprintln!("commands over 300 seeds: {total:?}");
+    eprintln!("commands over {seeds} seeds: {total:?}");
     // The histories must exercise every kind of move.
     for kind in [
         "propose failover",
