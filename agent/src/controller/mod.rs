@@ -74,12 +74,15 @@
 //! The agent keeps one `Controller` per process. Its runtime feeds
 //! `BecameLeader` (once the new leader has applied an entry of its own
 //! term) and `LostLeadership` from the raft loop, `LeaseRenewed` from
-//! the liveness heartbeats, reports from the node supervisors, then calls
-//! `step(state, now, Event::Tick)` every heartbeat interval with the applied
-//! state, and executes `take_commands()` in order: a `Sync { final_delta:
-//! true }` must complete before the `Propose` that follows it; `Propose`
-//! becomes a raft proposal (see [`PlacementChange`]); `Start`/`Stop`/
-//! `Restart` go to the named node's agent.
+//! the liveness heartbeats, reports from the node supervisors (with
+//! [`Controller::step`], or [`Controller::observe`] to batch several
+//! observations of one instant), calls `step(state, now, Event::Tick)` at
+//! least every heartbeat interval with the applied state, and executes
+//! `take_commands()` in order: a `Sync` of kind `Final` must complete
+//! before the `Propose` that follows it; `Propose` becomes a raft proposal
+//! (see [`PlacementChange`]); `Start`/`Stop`/`Restart` go to the named
+//! node's agent; `Fence` and `Alert` become events. The controller keeps no
+//! state worth persisting: a restarted agent starts with a fresh one.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -708,7 +711,16 @@ impl Controller {
         reason: MoveReason,
         now: Now,
     ) {
-        let generation = expect.saturating_add(1);
+        let Some(generation) = expect.checked_add(1) else {
+            // Generations must strictly grow; at u64::MAX nothing can.
+            self.alert_once(
+                name,
+                AlertKind::NoEligibleNode,
+                expect,
+                "the generation counter is exhausted".to_string(),
+            );
+            return;
+        };
         if from.is_some() {
             self.fenced.insert((name.to_string(), expect));
         }
@@ -771,10 +783,26 @@ impl Controller {
             self.place(state, now, name, vs);
             return;
         };
+        let holder = p.node;
         if p.desired == Desired::Stopped {
+            // Never moved nor started; a copy the holder still reports
+            // running is stopped (strays elsewhere are handled above).
+            let running = self
+                .latest_report(name, holder, generation)
+                .is_some_and(|r| r.report.state == Observed::Running);
+            if running
+                && self
+                    .stray_stopped
+                    .insert((name.to_string(), holder, generation))
+            {
+                self.commands.push(Cmd::Stop {
+                    vserver: name.to_string(),
+                    node: holder,
+                    generation,
+                });
+            }
             return;
         }
-        let holder = p.node;
         if self.lease_surely_expired(holder, now) {
             self.failover(state, now, name, vs, holder, generation);
             return;

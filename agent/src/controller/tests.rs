@@ -602,3 +602,98 @@ fn cmd_display_is_stable() {
     });
     assert_eq!(p.to_string(), "propose web -> 2 gen 5 (from 1, failover)");
 }
+
+#[test]
+fn observe_records_without_deciding() {
+    let mut s = cluster(Failback::Never);
+    place(&mut s, "web", 1, 2);
+    replica(&mut s, "web", 2, 0);
+    s.vservers.get_mut("web").unwrap().spec.max_rpo_ms = 0;
+    let mut c = Controller::new(cfg());
+    c.observe(&s, Now::at(0), Event::BecameLeader);
+    c.observe(&s, Now::at(5000), Event::LeaseRenewed { node: 2 });
+    assert!(c.take_commands().is_empty());
+    let cmds = tick(&mut c, &s, 5000);
+    assert_eq!(proposals(&cmds).len(), 1);
+}
+
+#[test]
+fn stopped_vserver_is_neither_started_nor_moved() {
+    let mut s = cluster(Failback::Never);
+    place(&mut s, "web", 1, 2);
+    s.vservers
+        .get_mut("web")
+        .unwrap()
+        .placement
+        .as_mut()
+        .unwrap()
+        .desired = Desired::Stopped;
+    replica(&mut s, "web", 2, 0);
+    let mut c = leader(&s, 0);
+    assert!(renew(&mut c, &s, 1000, &[1, 2]).is_empty());
+    c.step(&s, Now::at(1100), report("web", 1, 2, Observed::Running, 0));
+    assert_eq!(
+        c.take_commands(),
+        vec![Cmd::Stop {
+            vserver: "web".into(),
+            node: 1,
+            generation: 2
+        }]
+    );
+    // Holder gone: still nothing moves.
+    assert!(tick(&mut c, &s, 60_000).is_empty());
+}
+
+#[test]
+fn no_panic_on_odd_input() {
+    // Unknown vservers and nodes, time going backwards, empty groups.
+    let mut s = cluster(Failback::Auto);
+    s.vservers
+        .get_mut("web")
+        .unwrap()
+        .group
+        .as_mut()
+        .unwrap()
+        .nodes
+        .clear();
+    place(&mut s, "web", 42, u64::MAX);
+    let mut c = leader(&s, u64::MAX - 10);
+    for (t, ev) in [
+        (u64::MAX, Event::LeaseRenewed { node: 42 }),
+        (0, Event::LeaseRenewed { node: 7 }),
+        (
+            5,
+            Event::ForceFailover {
+                vserver: "nope".into(),
+                to: 9,
+                accept_data_loss: true,
+            },
+        ),
+        (
+            u64::MAX,
+            Event::Replica {
+                vserver: "nope".into(),
+                node: 1,
+                source_unix_ms: u64::MAX,
+            },
+        ),
+        (3, report("nope", 9, 0, Observed::Stopped, u32::MAX)),
+        (u64::MAX, Event::Tick),
+        (0, Event::Tick),
+    ] {
+        c.step(&s, Now::at(t), ev);
+    }
+    c.take_commands();
+}
+
+#[test]
+fn exhausted_generation_is_never_reused() {
+    let mut s = cluster(Failback::Never);
+    place(&mut s, "web", 1, u64::MAX);
+    replica(&mut s, "web", 2, 0);
+    s.vservers.get_mut("web").unwrap().spec.max_rpo_ms = 0;
+    let mut c = leader(&s, 0);
+    let cmds = renew(&mut c, &s, 5000, &[2]);
+    assert!(proposals(&cmds).is_empty());
+    assert!(alerts(&cmds)[0].message.contains("exhausted"));
+}
