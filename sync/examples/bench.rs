@@ -692,6 +692,7 @@ fn main() {
     }
     // Debootstrap tree, full mode only.
     if full
+        && want("deb")
         && Command::new("debootstrap")
             .arg("--version")
             .output()
