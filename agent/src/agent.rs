@@ -110,19 +110,21 @@ pub async fn run(
         )
         .serve_with_incoming_shutdown(incoming(listener), shutdown);
     let mut done = spawned.done;
-    let result = tokio::select! {
-        r = server => r.map_err(|e| AgentError::Server(e.to_string())),
-        r = &mut done => match r {
+    let (result, raft_ended) = tokio::select! {
+        r = server => (r.map_err(|e| AgentError::Server(e.to_string())), false),
+        r = &mut done => (match r {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(AgentError::RaftStopped(e)),
             Err(_) => Err(AgentError::RaftStopped("raft thread vanished".into())),
-        },
+        }, true),
     };
     heartbeat_task.abort();
     transport_task.abort();
     raft.shutdown();
-    // Wait for the raft thread so its last fsync is done before we exit.
-    let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
+    if !raft_ended {
+        // Wait for the raft thread so its last fsync is done before we exit.
+        let _ = tokio::time::timeout(Duration::from_secs(5), done).await;
+    }
     tracing::info!(node = cfg.node_id, "vshad stopped");
     result
 }

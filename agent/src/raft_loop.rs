@@ -186,7 +186,17 @@ pub fn spawn(core: RaftCore, tick: Duration) -> std::io::Result<Spawned> {
     std::thread::Builder::new()
         .name("raft".into())
         .spawn(move || {
-            let result = driver.run();
+            // A panic inside raft-rs must not leave a half-dead agent: it
+            // becomes a fatal error that stops the process cleanly.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| driver.run()))
+                .unwrap_or_else(|p| {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "unknown panic".into());
+                    Err(format!("raft thread panicked: {msg}"))
+                });
             if let Err(e) = &result {
                 tracing::error!(error = %e, "raft thread stopped on a fatal error");
             }

@@ -116,18 +116,22 @@ fn free_port(ip: &str) -> u16 {
 impl Cluster {
     /// Nodes 1..=n on 127.0.0.1..n, plus `spare` more configured but not started.
     fn new(n: u64, spare: u64) -> Cluster {
+        // Small snapshot interval: new nodes catch up by snapshot.
+        Cluster::with_config(
+            n,
+            spare,
+            "snapshot_interval = 4\nheartbeat_interval_ms = 200\n",
+        )
+    }
+
+    fn with_config(n: u64, spare: u64, toml: &str) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let agents: Vec<Agent> = (1..=n + spare)
             .map(|id| {
                 let ip = format!("127.0.0.{id}");
                 let addr = format!("{ip}:{}", free_port(&ip));
                 let config = dir.path().join(format!("node{id}.toml"));
-                // Small snapshot interval: new nodes catch up by snapshot.
-                std::fs::write(
-                    &config,
-                    "snapshot_interval = 4\nheartbeat_interval_ms = 200\n",
-                )
-                .unwrap();
+                std::fs::write(&config, toml).unwrap();
                 Agent {
                     id,
                     addr,
@@ -482,4 +486,76 @@ fn no_agent_and_bad_config_are_explained() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--initial-cluster"));
+}
+
+#[test]
+fn corrupt_raft_log_stops_the_agent_with_a_clear_error() {
+    // Default snapshot interval: the entries are still in the live log.
+    let mut c = Cluster::with_config(1, 0, "");
+    agreed_leader(&c, &[1], 0);
+    for i in 1..=20 {
+        vsha_ok(
+            &c.addr(1),
+            &[
+                "vserver",
+                "add",
+                &format!("v{i}"),
+                "--ip",
+                &format!("10.50.0.{i}"),
+            ],
+        );
+    }
+    c.agent(1).stop();
+    // Flip one byte inside an early entry (not the tail, which raft-engine
+    // may legitimately treat as a torn write after a crash).
+    let raft_dir = c.agent(1).data.join("raft");
+    let log = std::fs::read_dir(&raft_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "raftlog"))
+        .expect("a raft log file");
+    let mut bytes = std::fs::read(&log).unwrap();
+    let needle = b"\"name\":\"v3\"";
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .expect("entry of v3 in the log file");
+    bytes[at + 3] ^= 0xff;
+    std::fs::write(&log, &bytes).unwrap();
+
+    let a = c.agent(1);
+    let mut child = Command::new(VSHAD)
+        .arg("--config")
+        .arg(&a.config)
+        .args(["--node-id", "1", "--listen", &a.addr])
+        .arg("--data-dir")
+        .arg(&a.data)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the agent started on a corrupt log");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a corrupt log must stop the agent: {err}"
+    );
+    assert!(err.contains("corrupt"), "{err}");
+    assert!(
+        !err.contains("panicked"),
+        "a clean refusal, not a panic: {err}"
+    );
 }

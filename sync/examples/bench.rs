@@ -10,6 +10,9 @@
 //! Prints one line per measurement and the ratios the issue asks for.
 //! Not a timed test: nothing here asserts.
 
+#[path = "../tests/common/apt_mirror.rs"]
+mod apt_mirror;
+
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -703,7 +706,7 @@ fn main() {
         let ok = Command::new("debootstrap")
             .args(["--variant=minbase", "bookworm"])
             .arg(&deb)
-            .arg("http://deb.debian.org/debian")
+            .arg(apt_mirror::apt_mirror().unwrap_or_default())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()

@@ -107,6 +107,24 @@ impl DiskStorage {
                     c.hard_state.commit
                 )));
             }
+            // Entries are checksummed but only checked when read: read them
+            // all now (the log is bounded by the snapshot interval), so a
+            // damaged log stops the agent here and not in the middle of work.
+            let mut entries = Vec::new();
+            self.engine
+                .fetch_entries_to::<EntryExt>(RID, first, last + 1, None, &mut entries)
+                .map_err(|e| RaftError::Corrupt(format!("log entries {first}..={last}: {e}")))?;
+            if let Some((i, e)) = entries
+                .iter()
+                .enumerate()
+                .find(|(i, e)| e.index != first + *i as u64)
+            {
+                return Err(RaftError::Corrupt(format!(
+                    "log entry at position {i} has index {} instead of {}",
+                    e.index,
+                    first + i as u64
+                )));
+            }
         } else if c.hard_state.commit > snap_index {
             return Err(RaftError::Corrupt(format!(
                 "commit index {} but the log is empty and the snapshot ends at {snap_index}",

@@ -1,6 +1,8 @@
 //! Shared helpers of the vsha-sync integration tests.
 #![allow(dead_code)]
 
+pub mod apt_mirror;
+
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
