@@ -13,8 +13,34 @@ fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
+/// A cgroup parent of this test run's own, removed at the end.
+fn cgroup_parent() -> String {
+    format!("vsha-clitest-{}", std::process::id())
+}
+
+struct CgroupParents;
+impl Drop for CgroupParents {
+    fn drop(&mut self) {
+        for h in [
+            "unified",
+            "pids",
+            "memory",
+            "cpu",
+            "cpu,cpuacct",
+            "freezer",
+            "",
+        ] {
+            let d = std::path::Path::new("/sys/fs/cgroup")
+                .join(h)
+                .join(cgroup_parent());
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
 fn vsha(dirs: &tempfile::TempDir, args: &[&str]) -> Output {
     Command::new(VSHA)
+        .env("VSHA_CGROUP_PARENT", cgroup_parent())
         .arg("--config-dir")
         .arg(dirs.path().join("cfg"))
         .arg("--run-dir")
@@ -52,6 +78,7 @@ fn local_vserver_lifecycle_through_the_cli() {
     if !std::path::Path::new("/bin/busybox").exists() {
         panic!("/bin/busybox missing: run scripts/setup (busybox-static)");
     }
+    let _parents = CgroupParents;
     let d = tempfile::tempdir().unwrap();
     let name = format!("clit{}", std::process::id());
     let tree = d.path().join("tree");
@@ -109,6 +136,7 @@ fn ctx_exec_through_the_cli() {
         eprintln!("skipped: needs root");
         return;
     }
+    let _parents = CgroupParents;
     let d = tempfile::tempdir().unwrap();
     let out = ok(
         &d,

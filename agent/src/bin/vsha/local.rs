@@ -34,11 +34,22 @@ pub struct LocalPaths {
         value_name = "DIR"
     )]
     pub run_dir: PathBuf,
+    /// Parent cgroup (under each hierarchy) of the local contexts.
+    #[arg(
+        long,
+        global = true,
+        env = "VSHA_CGROUP_PARENT",
+        default_value = "vsha",
+        value_name = "NAME"
+    )]
+    pub cgroup_parent: String,
 }
 
 impl LocalPaths {
     pub fn paths(&self) -> Paths {
-        Paths::new(self.config_dir.clone(), self.run_dir.clone())
+        let mut p = Paths::new(self.config_dir.clone(), self.run_dir.clone());
+        p.cgroup_parent = self.cgroup_parent.clone();
+        p
     }
 }
 
@@ -289,7 +300,7 @@ pub fn ps(lp: &LocalPaths, all: bool, json: bool) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-pub fn ctx(cmd: CtxCmd) -> anyhow::Result<i32> {
+pub fn ctx(cmd: CtxCmd, lp: &LocalPaths) -> anyhow::Result<i32> {
     let CtxCmd::Exec(a) = cmd;
     let flags = a
         .flags
@@ -306,6 +317,7 @@ pub fn ctx(cmd: CtxCmd) -> anyhow::Result<i32> {
         nproc_limit: a.nproc,
         root: a.root,
         command: a.command,
+        cgroup_parent: Some(lp.cgroup_parent.clone()),
         ..Default::default()
     };
     local::ctx_exec(&opts)

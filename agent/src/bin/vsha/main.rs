@@ -201,7 +201,7 @@ async fn run_offline(cli: Cli) -> anyhow::Result<Result<i32, Cli>> {
     let code = match cli.cmd {
         Cmd::Demo(args) => demo::run(args).await.map(|()| 0)?,
         Cmd::Ps { all, json } => local::ps(&cli.local, all, json)?,
-        Cmd::Ctx(c) => local::ctx(c)?,
+        Cmd::Ctx(c) => local::ctx(c, &cli.local)?,
         Cmd::Sync(c) => sync_cmd::run(c).await?,
         Cmd::Vserver(VserverCmd::Local(c)) => local::vserver(c, &cli.local)?,
         Cmd::Vserver(VserverCmd::List {
