@@ -127,19 +127,7 @@ impl Entry {
 
     /// Same canonical content (everything the digest covers).
     pub fn same(&self, o: &Entry) -> bool {
-        self.path == o.path
-            && self.kind == o.kind
-            && self.mode == o.mode
-            && self.uid == o.uid
-            && self.gid == o.gid
-            && self.size == o.size
-            && self.mtime == o.mtime
-            && self.mtime_nsec == o.mtime_nsec
-            && self.rdev == o.rdev
-            && self.target == o.target
-            && self.xattrs == o.xattrs
-            && self.hash == o.hash
-            && self.link == o.link
+        self.path == o.path && self.link == o.link && self.same_inode_meta(o)
     }
 
     /// Same inode metadata (what hardlinked names share), ignoring path and link.

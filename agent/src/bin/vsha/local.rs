@@ -246,39 +246,44 @@ pub fn vserver(cmd: LocalVserverCmd, lp: &LocalPaths) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// Prints `rows` as JSON, or as a table with `header` and one row of cells each.
+fn print_rows<T: serde::Serialize>(
+    rows: &[T],
+    json: bool,
+    header: &[&str],
+    cells: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<i32> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(rows)?);
+    } else {
+        let t: Vec<Vec<String>> = rows.iter().map(cells).collect();
+        print!("{}", table(header, &t));
+    }
+    Ok(0)
+}
+
 /// `vsha vserver list --local`: like vserver-stat.
 pub fn list(lp: &LocalPaths, json: bool) -> anyhow::Result<i32> {
     let rows = local::list(&lp.paths())?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(0);
-    }
-    let t: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
-            vec![
-                r.context.to_string(),
-                r.processes.to_string(),
-                format!("{}s", r.uptime_secs),
-                r.name.clone(),
-                r.ip.clone().unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    print!("{}", table(&["CTX", "PROC", "UPTIME", "NAME", "IP"], &t));
-    Ok(0)
+    print_rows(&rows, json, &["CTX", "PROC", "UPTIME", "NAME", "IP"], |r| {
+        vec![
+            r.context.to_string(),
+            r.processes.to_string(),
+            format!("{}s", r.uptime_secs),
+            r.name.clone(),
+            r.ip.clone().unwrap_or_else(|| "-".into()),
+        ]
+    })
 }
 
 /// `vsha ps`: processes with their vserver, like vps.
 pub fn ps(lp: &LocalPaths, all: bool, json: bool) -> anyhow::Result<i32> {
     let rows = local::ps(&lp.paths(), !all)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(0);
-    }
-    let t: Vec<Vec<String>> = rows
-        .iter()
-        .map(|r| {
+    print_rows(
+        &rows,
+        json,
+        &["PID", "VPID", "CTX", "VSERVER", "UID", "STAT", "COMMAND"],
+        |r| {
             vec![
                 r.pid.to_string(),
                 r.inner_pid.to_string(),
@@ -288,16 +293,8 @@ pub fn ps(lp: &LocalPaths, all: bool, json: bool) -> anyhow::Result<i32> {
                 r.state.clone(),
                 r.command.clone(),
             ]
-        })
-        .collect();
-    print!(
-        "{}",
-        table(
-            &["PID", "VPID", "CTX", "VSERVER", "UID", "STAT", "COMMAND"],
-            &t
-        )
-    );
-    Ok(0)
+        },
+    )
 }
 
 pub fn ctx(cmd: CtxCmd, lp: &LocalPaths) -> anyhow::Result<i32> {
