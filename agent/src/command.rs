@@ -2,7 +2,7 @@
 //! The encoding is JSON so that a log written by one version is readable by
 //! the next; unknown versions are refused, never guessed at.
 
-use crate::model::{AdminState, FailoverGroup, NodeId, NodeRecord, VserverSpec};
+use crate::model::{AdminState, Desired, FailoverGroup, NodeId, NodeRecord, VserverSpec};
 use serde::{Deserialize, Serialize};
 
 pub const ENVELOPE_VERSION: u32 = 1;
@@ -39,6 +39,32 @@ pub enum Command {
     },
     RemovePair {
         vserver: String,
+    },
+    /// A placement change decided by the leader's failover controller: a
+    /// compare-and-set on the vserver's generation (the fencing token), so
+    /// of two racing moves at most one applies.
+    SetPlacement {
+        vserver: String,
+        node: NodeId,
+        generation: u64,
+        /// The generation this move replaces; 0 = the vserver is unplaced.
+        expect_generation: u64,
+        /// Why (controller's move reason), for status and events.
+        reason: String,
+    },
+    /// The operator's wish: run the vserver (placing it if needed) or keep
+    /// it stopped wherever it is placed.
+    SetDesired {
+        vserver: String,
+        desired: Desired,
+    },
+    /// The newest complete replica of `vserver` on `node` (recorded now and
+    /// then; the leader also learns it live from heartbeats).
+    RecordReplica {
+        vserver: String,
+        node: NodeId,
+        snapshot_source_unix_ms: u64,
+        digest: String,
     },
 }
 

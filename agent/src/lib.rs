@@ -6,6 +6,7 @@ pub mod api;
 pub mod command;
 pub mod config;
 pub mod controller;
+pub mod failover;
 pub mod liveness;
 pub mod model;
 pub mod peer_client;

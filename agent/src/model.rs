@@ -156,4 +156,17 @@ pub struct Vserver {
     pub group: Option<FailoverGroup>,
     pub placement: Option<Placement>,
     pub replicas: BTreeMap<NodeId, ReplicaStatus>,
+    /// The operator's wish before the vserver is placed (`None` = running);
+    /// once placed, `placement.desired` is authoritative.
+    #[serde(default)]
+    pub desired: Option<Desired>,
+}
+
+impl Vserver {
+    pub fn desired(&self) -> Desired {
+        match &self.placement {
+            Some(p) => p.desired,
+            None => self.desired.unwrap_or(Desired::Running),
+        }
+    }
 }

@@ -187,6 +187,45 @@ impl ClusterState {
                 }
                 Ok(())
             }
+            Command::SetPlacement {
+                vserver,
+                node,
+                generation,
+                expect_generation,
+                ..
+            } => {
+                let vs = self.vserver(vserver)?;
+                let rec = self.nodes.get(node).ok_or_else(|| {
+                    StateError::not_found("node", format!("node {node} is not a member"))
+                })?;
+                if rec.role == crate::model::Role::Witness {
+                    return Err(StateError::precondition(
+                        "node",
+                        format!("node {node} is a witness and runs no vservers"),
+                    ));
+                }
+                let current = vs.placement.as_ref().map_or(0, |p| p.generation);
+                if *expect_generation != current {
+                    return Err(StateError::precondition(
+                        "expect_generation",
+                        format!(
+                            "vserver {vserver:?} is at generation {current}, not {expect_generation}: another move won"
+                        ),
+                    ));
+                }
+                if *generation <= current {
+                    return Err(StateError::invalid(
+                        "generation",
+                        format!("{generation} does not grow past the current {current}"),
+                    ));
+                }
+                Ok(())
+            }
+            Command::SetDesired { vserver, .. } => self.vserver(vserver).map(|_| ()),
+            Command::RecordReplica { vserver, node, .. } => {
+                self.vserver(vserver)?;
+                self.node(*node).map(|_| ())
+            }
         }
     }
 
@@ -229,6 +268,7 @@ impl ClusterState {
                         group: None,
                         placement: None,
                         replicas: BTreeMap::new(),
+                        desired: None,
                     },
                 );
             }
@@ -243,6 +283,53 @@ impl ClusterState {
             Command::RemovePair { vserver } => {
                 if let Some(vs) = self.vservers.get_mut(vserver) {
                     vs.group = None;
+                }
+            }
+            Command::SetPlacement {
+                vserver,
+                node,
+                generation,
+                ..
+            } => {
+                if let Some(vs) = self.vservers.get_mut(vserver) {
+                    let desired = vs.desired();
+                    vs.placement = Some(crate::model::Placement {
+                        node: *node,
+                        generation: *generation,
+                        desired,
+                        observed: "unknown".to_string(),
+                    });
+                }
+            }
+            Command::SetDesired { vserver, desired } => {
+                if let Some(vs) = self.vservers.get_mut(vserver) {
+                    vs.desired = Some(*desired);
+                    if let Some(p) = vs.placement.as_mut() {
+                        p.desired = *desired;
+                    }
+                }
+            }
+            Command::RecordReplica {
+                vserver,
+                node,
+                snapshot_source_unix_ms,
+                digest,
+            } => {
+                if let Some(vs) = self.vservers.get_mut(vserver) {
+                    let newer = vs
+                        .replicas
+                        .get(node)
+                        .is_none_or(|r| r.snapshot_source_unix_ms <= *snapshot_source_unix_ms);
+                    if newer {
+                        vs.replicas.insert(
+                            *node,
+                            crate::model::ReplicaStatus {
+                                node: *node,
+                                snapshot_source_unix_ms: *snapshot_source_unix_ms,
+                                digest: digest.clone(),
+                            },
+                        );
+                    }
                 }
             }
         }
@@ -437,5 +524,67 @@ mod tests {
         refused(&mut s, Command::AddNode(n), "addr");
         s.apply(&Command::AddNode(node(4, Role::Learner))).unwrap();
         refused(&mut s, Command::PromoteNode { id: 4 }, "id");
+    }
+
+    #[test]
+    fn placement_is_a_compare_and_set_on_the_generation() {
+        let mut s = cluster();
+        s.apply(&Command::AddVserver(spec("web", [10, 0, 0, 5])))
+            .unwrap();
+        let place = |node, generation, expect_generation| Command::SetPlacement {
+            vserver: "web".into(),
+            node,
+            generation,
+            expect_generation,
+            reason: "test".into(),
+        };
+        s.apply(&place(1, 1, 0)).unwrap();
+        // Two moves racing from generation 1: the first wins, the second is
+        // refused and changes nothing.
+        s.apply(&place(2, 2, 1)).unwrap();
+        let e = refused(&mut s, place(1, 2, 1), "expect_generation");
+        assert!(e.to_string().contains("another move won"), "{e}");
+        refused(&mut s, place(1, 2, 2), "generation");
+        refused(&mut s, place(9, 3, 2), "node");
+        refused(&mut s, place(3, 3, 2), "node"); // a witness
+        let p = s.vservers["web"].placement.clone().unwrap();
+        assert_eq!((p.node, p.generation), (2, 2));
+        // Desired follows the operator and survives moves.
+        s.apply(&Command::SetDesired {
+            vserver: "web".into(),
+            desired: Desired::Stopped,
+        })
+        .unwrap();
+        s.apply(&place(1, 3, 2)).unwrap();
+        assert_eq!(
+            s.vservers["web"].placement.as_ref().unwrap().desired,
+            Desired::Stopped
+        );
+    }
+
+    #[test]
+    fn replica_records_never_go_back_in_time() {
+        let mut s = cluster();
+        s.apply(&Command::AddVserver(spec("web", [10, 0, 0, 5])))
+            .unwrap();
+        let rec = |t: u64| Command::RecordReplica {
+            vserver: "web".into(),
+            node: 2,
+            snapshot_source_unix_ms: t,
+            digest: format!("d{t}"),
+        };
+        s.apply(&rec(200)).unwrap();
+        s.apply(&rec(100)).unwrap();
+        assert_eq!(s.vservers["web"].replicas[&2].digest, "d200");
+        refused(
+            &mut s,
+            Command::RecordReplica {
+                vserver: "web".into(),
+                node: 9,
+                snapshot_source_unix_ms: 1,
+                digest: String::new(),
+            },
+            "id",
+        );
     }
 }

@@ -236,6 +236,7 @@ fn add_vserver(s: &mut ClusterState, a: &Args) -> Result<(), String> {
             group,
             placement,
             replicas: BTreeMap::new(),
+            desired: None,
         },
     );
     Ok(())

@@ -158,6 +158,7 @@ impl Sim {
                     }),
                     placement,
                     replicas: BTreeMap::new(),
+                    desired: None,
                 },
             );
         }

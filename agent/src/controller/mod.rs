@@ -848,6 +848,9 @@ impl Controller {
         if !self.can_reassign(now) || self.proposal_pending(name, now) {
             return;
         }
+        if vs.desired() == Desired::Stopped {
+            return;
+        }
         if let Some(f) = self.forced.get(name).copied() {
             self.forced.remove(name);
             match self.can_host(state, f.to, now) {

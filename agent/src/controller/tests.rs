@@ -66,6 +66,7 @@ fn cluster(failback: Failback) -> ClusterState {
             }),
             placement: None,
             replicas: BTreeMap::new(),
+            desired: None,
         },
     );
     s

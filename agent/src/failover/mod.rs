@@ -1,0 +1,6 @@
+//! Failover (issue 5): the node side of leases and fencing, the plan a
+//! node follows, and the runtimes that drive the pure controller
+//! ([`crate::controller`]) and the node's vservers.
+
+pub mod lease;
+pub mod node_plan;
