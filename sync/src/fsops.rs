@@ -308,3 +308,61 @@ pub(crate) fn remove_tree(dir: BorrowedFd<'_>, name: &[u8]) -> Result<()> {
     drop(sub);
     rustix::fs::unlinkat(dir, n, AtFlags::REMOVEDIR).ctx("rmdir", p(name))
 }
+
+/// Names of the xattrs of an open file or directory.
+fn list_xattrs_fd(fd: BorrowedFd<'_>, whole: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let mut names = vec![0u8; 4096];
+    let n = loop {
+        match rustix::fs::flistxattr(fd, &mut names[..]) {
+            Ok(n) => break n,
+            Err(rustix::io::Errno::RANGE) if names.len() < (1 << 20) => {
+                names.resize(names.len() * 4, 0)
+            }
+            Err(rustix::io::Errno::NOTSUP) => return Ok(Vec::new()),
+            Err(e) => return Err(e).ctx("flistxattr", p(whole)),
+        }
+    };
+    Ok(names[..n]
+        .split(|b| *b == 0)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.to_vec())
+        .collect())
+}
+
+/// Remove the xattrs of an open directory that `e` does not have (for a
+/// directory whose metadata changes in place; `apply_meta_fd` sets the rest).
+pub(crate) fn replace_xattrs_fd(fd: BorrowedFd<'_>, e: &Entry) -> Result<()> {
+    for n in list_xattrs_fd(fd, &e.path)? {
+        if e.xattrs.iter().any(|(x, _)| *x == n) {
+            continue;
+        }
+        match rustix::fs::fremovexattr(fd, OsStr::from_bytes(&n)) {
+            Ok(()) | Err(rustix::io::Errno::NODATA) => {}
+            Err(er) => return Err(er).ctx("removexattr", p(&e.path)),
+        }
+    }
+    Ok(())
+}
+
+/// Copy every xattr of `src` to `dst` (open fds).
+pub(crate) fn copy_xattrs_fd(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, whole: &[u8]) -> Result<()> {
+    let mut val = vec![0u8; 4096];
+    for n in list_xattrs_fd(src, whole)? {
+        let name = OsStr::from_bytes(&n);
+        let len = loop {
+            match rustix::fs::fgetxattr(src, name, &mut val[..]) {
+                Ok(l) => break Some(l),
+                Err(rustix::io::Errno::RANGE) if val.len() < (1 << 17) => {
+                    val.resize(val.len() * 4, 0)
+                }
+                Err(rustix::io::Errno::NODATA) => break None,
+                Err(e) => return Err(e).ctx("fgetxattr", p(whole)),
+            }
+        };
+        if let Some(l) = len {
+            rustix::fs::fsetxattr(dst, name, &val[..l], XattrFlags::empty())
+                .ctx("setxattr", p(whole))?;
+        }
+    }
+    Ok(())
+}

@@ -26,6 +26,7 @@ pub mod scan;
 pub mod sender;
 pub mod session;
 pub mod store;
+pub(crate) mod undo;
 pub mod verify;
 pub mod wire;
 

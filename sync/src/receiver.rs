@@ -77,7 +77,9 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
     }
     let mut busy = Some(store.lock(&name)?);
     let unified = flags & 1 != 0;
-    let current = store.current(&name)?;
+    // Roll back a round a crash interrupted, before anything reads the tree.
+    store.recover(&name, &store.tree_dir(&name)?)?;
+    let mut current = store.load(&name)?;
     let (digest, seq) = current
         .as_ref()
         .map(|s| (s.index.digest, s.seq))
@@ -89,8 +91,10 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
     loop {
         match peer.recv()? {
             Frame::NeedManifest => {
-                let entries = current
+                let entries = applier
                     .as_ref()
+                    .and_then(|a| a.base())
+                    .or(current.as_deref())
                     .map(|s| &s.index.entries[..])
                     .unwrap_or(&[]);
                 for c in entries.chunks(MANIFEST_BATCH) {
@@ -102,9 +106,13 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
             }
             Frame::HaveManifest => {}
             Frame::SigRequest { path, block } => {
-                let s = current.as_ref().ok_or_else(|| {
-                    SyncError::Protocol("signature request without a snapshot".into())
-                })?;
+                let s = applier
+                    .as_ref()
+                    .and_then(|a| a.base())
+                    .or(current.as_deref())
+                    .ok_or_else(|| {
+                        SyncError::Protocol("signature request without a snapshot".into())
+                    })?;
                 let e = s
                     .index
                     .get(&path)
@@ -119,7 +127,7 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
                     return Err(SyncError::Protocol("signature block size mismatch".into()));
                 }
                 let f = crate::fsops::open_read(
-                    open_version(store, &name, s.seq)?.dir(crate::entry::split_parent(&path).0)?,
+                    open_live(store, &name)?.dir(crate::entry::split_parent(&path).0)?,
                     crate::entry::split_parent(&path).1,
                     &path,
                 )?;
@@ -134,7 +142,7 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
             }
             Frame::HashQuery(h) => {
                 if applier.is_none() {
-                    applier = Some(Applier::begin(store, &name, current.clone(), unified)?);
+                    applier = Some(Applier::begin(store, &name, current.take(), unified)?);
                     pool_applier_needed = false;
                 }
                 let have = applier.as_ref().map(|a| a.pool_has(&h)).unwrap_or_default();
@@ -142,7 +150,7 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
             }
             Frame::Begin => {
                 if applier.is_none() {
-                    applier = Some(Applier::begin(store, &name, current.clone(), unified)?);
+                    applier = Some(Applier::begin(store, &name, current.take(), unified)?);
                 }
                 let _ = pool_applier_needed;
                 if let Some(a) = &applier {
@@ -159,14 +167,12 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
             }
             Frame::End { digest: d, count } => {
                 // Nothing changed: the sender's tree is the current snapshot.
-                if current.is_none()
-                    || d != digest
-                    || count
-                        != current
-                            .as_ref()
-                            .map(|s| s.index.entries.len() as u64)
-                            .unwrap_or(0)
-                {
+                let held = applier
+                    .as_ref()
+                    .and_then(|a| a.base())
+                    .or(current.as_deref())
+                    .map(|s| s.index.entries.len() as u64);
+                if held.is_none() || d != digest || Some(count) != held {
                     return Err(SyncError::Protocol(
                         "End without changes, but the digest differs from the current snapshot"
                             .into(),
@@ -196,13 +202,8 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
     }
 }
 
-fn open_version(store: &Store, name: &str, seq: u64) -> Result<crate::fsops::DirCache> {
-    let p = store
-        .dir()
-        .join(".vsha")
-        .join(name)
-        .join("v")
-        .join(seq.to_string());
+fn open_live(store: &Store, name: &str) -> Result<crate::fsops::DirCache> {
+    let p = store.dir().join(".vsha").join(name).join("live");
     let fd = rustix::fs::open(
         &p,
         rustix::fs::OFlags::RDONLY
@@ -241,8 +242,12 @@ fn stream_changes(
         seq,
         unified_bytes: stats.unified_bytes,
     });
-    // The next round may start now; pruning only removes versions older
-    // than the newest `keep`, never the one a new round builds on.
+    // Compaction of the manifest (rare, O(tree)) after the answer, with the
+    // name still locked. The next round may start after it; pruning only
+    // removes undo areas of older rounds, never what a new round writes.
+    if sent.is_ok() {
+        store.maybe_compact(name);
+    }
     drop(busy.take());
     store.prune_old(name);
     sent?;

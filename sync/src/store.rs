@@ -1,14 +1,19 @@
 //! The receiving side: a destination directory holding, for each tree name,
-//! up to N complete versions and a symlink `DIR/NAME` to the current one.
+//! ONE live tree (the current snapshot), its manifest as a base plus an
+//! append-only delta journal, and the undo areas of the last rounds.
 //!
-//! Layout: `DIR/.vsha/NAME/v/SEQ/` (a version), `DIR/.vsha/NAME/v/SEQ.manifest`
-//! (its index, so no walk of the standby is ever needed),
-//! `DIR/.vsha/NAME/tmp/` (the version being built), `DIR/.vsha/NAME/unified`
-//! (marker: the tree takes part in unification), `DIR/NAME -> .vsha/NAME/v/SEQ`.
+//! Layout (`T` = `DIR/.vsha/NAME`):
+//! `DIR/NAME -> .vsha/NAME/live` (stable symlink), `T/live/` (the current
+//! snapshot), `T/manifest` (base manifest: seq, commit time, entries),
+//! `T/journal` (one checksummed record per later round: changed entries,
+//! deleted paths, digest), `T/tmp/` (the running round's staged inodes),
+//! `T/undo/SEQ.log` + `T/undo/SEQ/` (what round SEQ replaced: see
+//! [`crate::undo`]), `T/unified` (marker).
 //!
-//! Architecture invariant: a version directory is never modified after its
-//! commit; a round builds a new one beside it (unchanged files hardlinked from
-//! the current version) and switches the symlink with one rename.
+//! Architecture invariant: the live tree is only modified between the fsync
+//! of a round's undo log and the journal record that commits it; any failure
+//! (or crash) in between is reversed from the undo log before anything else
+//! touches the tree. A round therefore costs O(changes), not O(tree).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -16,19 +21,23 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rayon::prelude::*;
 use rustix::fs::{AtFlags, Mode, OFlags};
 
-use crate::entry::{display, key_cmp, split_parent, tree_digest, Entry, Kind, Reader};
+use crate::entry::{display, key_cmp, split_parent, Entry, Kind, Reader};
 use crate::error::{IoCtx, Result, SyncError};
 use crate::fsops::{self, DirCache};
 use crate::scan::Index;
+use crate::undo::{self, Op};
 
 /// How long a round waits for another round of the same name to finish.
 pub const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Default number of versions kept per tree.
+/// Default number of versions kept per tree (the current one and the undo
+/// areas of the `keep - 1` rounds before it).
 pub const DEFAULT_KEEP: usize = 2;
 
 const META: &[u8] = b".vsha";
@@ -53,12 +62,35 @@ pub fn check_name(name: &str) -> Result<()> {
 pub struct Snapshot {
     /// Sequence number.
     pub seq: u64,
-    /// Path of the version directory.
+    /// Path of the live tree (`DIR/.vsha/NAME/live`, what `DIR/NAME` points to).
     pub path: PathBuf,
     /// Its manifest.
     pub index: Index,
-    /// When it was committed (mtime of its manifest).
+    /// When it was committed.
     pub committed: std::time::SystemTime,
+}
+
+/// A committed state of a tree, as loaded (cached per name).
+#[derive(Debug, Clone)]
+pub(crate) struct Cached {
+    pub seq: u64,
+    pub committed: SystemTime,
+    pub index: Index,
+    /// `Entry::leaf` of each entry (the digest is recomputed from these).
+    pub leaves: Vec<[u8; 32]>,
+    /// Identity of the manifest and journal files this was read from.
+    key: FileKey,
+    /// Size of the base manifest and of the valid journal prefix.
+    base_len: u64,
+    journal_len: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct FileKey {
+    man_ino: u64,
+    man_size: u64,
+    jr_ino: u64,
+    jr_size: u64,
 }
 
 /// A destination directory of replicated trees.
@@ -69,6 +101,8 @@ pub struct Store {
     busy: Mutex<HashSet<String>>,
     freed: std::sync::Condvar,
     pruning: Mutex<()>,
+    cache: Mutex<HashMap<String, Arc<Cached>>>,
+    fault: Mutex<Option<(usize, bool)>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -97,6 +131,7 @@ impl Drop for BusyGuard<'_> {
     }
 }
 
+/// The sender's persisted index format (also the old receiver manifest).
 pub(crate) fn encode_manifest(idx: &Index) -> Vec<u8> {
     let mut v = b"VSHAMAN1".to_vec();
     v.extend_from_slice(&(idx.entries.len() as u64).to_le_bytes());
@@ -128,8 +163,247 @@ pub(crate) fn decode_manifest(b: &[u8]) -> Result<Index> {
     Ok(idx)
 }
 
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+fn time_of(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+/// Base manifest: `VSHAMAN2 | seq | time_ns | count | entries | digest`.
+fn encode_base(seq: u64, time_ns: u64, idx: &Index) -> Vec<u8> {
+    let mut v = b"VSHAMAN2".to_vec();
+    v.extend_from_slice(&seq.to_le_bytes());
+    v.extend_from_slice(&time_ns.to_le_bytes());
+    v.extend_from_slice(&(idx.entries.len() as u64).to_le_bytes());
+    for e in &idx.entries {
+        e.encode(&mut v);
+    }
+    v.extend_from_slice(&idx.digest);
+    v
+}
+
+fn decode_base(b: &[u8]) -> Result<(u64, u64, Vec<Entry>, [u8; 32])> {
+    if b.len() < 8 + 24 + 32 || &b[..8] != b"VSHAMAN2" {
+        return Err(crate::entry::malformed("manifest", "bad header"));
+    }
+    let mut r = Reader::new(&b[8..b.len() - 32]);
+    let seq = r.u64()?;
+    let t = r.u64()?;
+    let n = r.u64()?;
+    let mut v = Vec::with_capacity(n.min(1 << 24) as usize);
+    for _ in 0..n {
+        v.push(Entry::decode(&mut r)?);
+    }
+    r.finish("manifest")?;
+    let mut d = [0u8; 32];
+    d.copy_from_slice(&b[b.len() - 32..]);
+    Ok((seq, t, v, d))
+}
+
+/// One journal record: the changes of one committed round.
+struct Record {
+    seq: u64,
+    time_ns: u64,
+    count: u64,
+    digest: [u8; 32],
+    puts: Vec<Entry>,
+    dels: Vec<Vec<u8>>,
+}
+
+/// `u32 len | blake3(payload) | payload`.
+fn encode_record(r: &Record) -> Vec<u8> {
+    let mut p = b"VJR1".to_vec();
+    p.extend_from_slice(&r.seq.to_le_bytes());
+    p.extend_from_slice(&r.time_ns.to_le_bytes());
+    p.extend_from_slice(&r.count.to_le_bytes());
+    p.extend_from_slice(&r.digest);
+    p.extend_from_slice(&(r.puts.len() as u64).to_le_bytes());
+    for e in &r.puts {
+        e.encode(&mut p);
+    }
+    p.extend_from_slice(&(r.dels.len() as u64).to_le_bytes());
+    for d in &r.dels {
+        p.extend_from_slice(&(d.len() as u32).to_le_bytes());
+        p.extend_from_slice(d);
+    }
+    let mut v = (p.len() as u64).to_le_bytes().to_vec();
+    v.extend_from_slice(blake3::hash(&p).as_bytes());
+    v.extend_from_slice(&p);
+    v
+}
+
+/// Decode the valid prefix of a journal: records and the prefix's length
+/// (a torn last record, from a crash while appending, is not part of it).
+fn decode_journal(b: &[u8]) -> (Vec<Record>, u64) {
+    let mut out = Vec::new();
+    let mut off = 0usize;
+    while b.len() - off >= 40 {
+        let mut lb = [0u8; 8];
+        lb.copy_from_slice(&b[off..off + 8]);
+        let len = u64::from_le_bytes(lb) as usize;
+        if len > b.len() - off - 40 {
+            break;
+        }
+        let payload = &b[off + 40..off + 40 + len];
+        if blake3::hash(payload).as_bytes() != &b[off + 8..off + 40] {
+            break;
+        }
+        let Ok(rec) = decode_record(payload) else {
+            break;
+        };
+        out.push(rec);
+        off += 40 + len;
+    }
+    (out, off as u64)
+}
+
+fn decode_record(p: &[u8]) -> Result<Record> {
+    if p.len() < 4 || &p[..4] != b"VJR1" {
+        return Err(crate::entry::malformed("journal", "bad record"));
+    }
+    let mut r = Reader::new(&p[4..]);
+    let seq = r.u64()?;
+    let time_ns = r.u64()?;
+    let count = r.u64()?;
+    let digest = r.array32()?;
+    let n = r.u64()?;
+    let mut puts = Vec::new();
+    for _ in 0..n {
+        puts.push(Entry::decode(&mut r)?);
+    }
+    let n = r.u64()?;
+    let mut dels = Vec::new();
+    for _ in 0..n {
+        dels.push(r.bytes(crate::entry::MAX_PATH, "journal path")?.to_vec());
+    }
+    r.finish("journal record")?;
+    Ok(Record {
+        seq,
+        time_ns,
+        count,
+        digest,
+        puts,
+        dels,
+    })
+}
+
+/// Digest from the leaves (same as `entry::tree_digest`).
+pub(crate) fn digest_of(leaves: &[[u8; 32]]) -> [u8; 32] {
+    let mut h = blake3::Hasher::new();
+    h.update(b"vsha-sync tree v1");
+    h.update(&(leaves.len() as u64).to_le_bytes());
+    for l in leaves {
+        h.update(l);
+    }
+    *h.finalize().as_bytes()
+}
+
+fn leaves_of(entries: &[Entry]) -> Vec<[u8; 32]> {
+    entries.par_iter().map(|e| e.leaf()).collect()
+}
+
+/// Tree-order key for ordered maps.
+#[derive(PartialEq, Eq)]
+struct Key(Vec<u8>);
+impl Ord for Key {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        key_cmp(&self.0, &o.0)
+    }
+}
+impl PartialOrd for Key {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+
+/// A change for [`merge`]: a path and its new entry with its leaf, or `None` (deleted).
+type Change2 = (Vec<u8>, Option<(Entry, [u8; 32])>);
+
+/// Merge sorted changes (path, new entry or deletion, leaf) into sorted
+/// entries and leaves, moving (not copying) the unchanged ones.
+fn merge(
+    old: Vec<Entry>,
+    old_leaves: Vec<[u8; 32]>,
+    changes: Vec<Change2>,
+) -> (Vec<Entry>, Vec<[u8; 32]>) {
+    let mut out = Vec::with_capacity(old.len() + changes.len());
+    let mut lv = Vec::with_capacity(old.len() + changes.len());
+    let mut ci = changes.into_iter().peekable();
+    for (e, l) in old.into_iter().zip(old_leaves) {
+        while let Some((p, _)) = ci.peek() {
+            if key_cmp(p, &e.path) != std::cmp::Ordering::Less {
+                break;
+            }
+            if let Some((_, Some((ne, nl)))) = ci.next() {
+                out.push(ne);
+                lv.push(nl);
+            }
+        }
+        if ci
+            .peek()
+            .is_some_and(|(p, _)| key_cmp(p, &e.path) == std::cmp::Ordering::Equal)
+        {
+            if let Some((_, Some((ne, nl)))) = ci.next() {
+                out.push(ne);
+                lv.push(nl);
+            }
+            continue;
+        }
+        out.push(e);
+        lv.push(l);
+    }
+    for (_, c) in ci {
+        if let Some((ne, nl)) = c {
+            out.push(ne);
+            lv.push(nl);
+        }
+    }
+    (out, lv)
+}
+
+fn file_key(tree: &OwnedFd) -> FileKey {
+    let st = |n: &str| {
+        rustix::fs::statat(tree, n, AtFlags::SYMLINK_NOFOLLOW)
+            .map(|s| (s.st_ino, s.st_size as u64))
+            .unwrap_or((0, 0))
+    };
+    let (man_ino, man_size) = st("manifest");
+    let (jr_ino, jr_size) = st("journal");
+    FileKey {
+        man_ino,
+        man_size,
+        jr_ino,
+        jr_size,
+    }
+}
+
+fn read_at(tree: &OwnedFd, name: &str) -> Result<Option<Vec<u8>>> {
+    match rustix::fs::openat(
+        tree,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => {
+            let mut v = Vec::new();
+            std::fs::File::from(fd)
+                .read_to_end(&mut v)
+                .ctx("read", PathBuf::from(name))?;
+            Ok(Some(v))
+        }
+        Err(rustix::io::Errno::NOENT) => Ok(None),
+        Err(e) => Err(e).ctx("open", PathBuf::from(name)),
+    }
+}
+
 impl Store {
-    /// Open (creating if needed) a destination directory, keeping `keep` versions per tree.
+    /// Open (creating if needed) a destination directory, keeping `keep`
+    /// versions per tree. Rounds interrupted by a crash are rolled back here.
     pub fn open(dir: &Path, keep: usize) -> Result<Store> {
         std::fs::create_dir_all(dir).ctx("mkdir", dir)?;
         let fd = rustix::fs::open(
@@ -142,14 +416,39 @@ impl Store {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
             Err(e) => return Err(e).ctx("mkdir", dir.join(".vsha")),
         }
-        Ok(Store {
+        let s = Store {
             dir: dir.to_path_buf(),
             fd,
             keep: keep.max(1),
             busy: Mutex::new(HashSet::new()),
             freed: std::sync::Condvar::new(),
             pruning: Mutex::new(()),
-        })
+            cache: Mutex::new(HashMap::new()),
+            fault: Mutex::new(None),
+        };
+        let m = dir.join(".vsha");
+        for e in std::fs::read_dir(&m).ctx("readdir", &m)? {
+            let e = e.ctx("readdir", &m)?;
+            if let Some(n) = e.file_name().to_str() {
+                if check_name(n).is_ok() {
+                    let r = s
+                        .lock(n)
+                        .and_then(|_g| s.tree_dir(n).and_then(|t| s.recover(n, &t)));
+                    if let Err(er) = r {
+                        tracing::warn!(name = %n, error = %er, "recovery of a tree failed");
+                    }
+                }
+            }
+        }
+        Ok(s)
+    }
+
+    /// Test hook: the next staged round fails after applying `after` of its
+    /// ops to the live tree; with `crash`, it leaves the tree as a crash
+    /// would (no rollback; the next round or `Store::open` recovers).
+    #[doc(hidden)]
+    pub fn inject_apply_fault(&self, after: usize, crash: bool) {
+        *self.fault.lock().unwrap_or_else(|p| p.into_inner()) = Some((after, crash));
     }
 
     /// The destination directory.
@@ -159,8 +458,6 @@ impl Store {
 
     pub(crate) fn lock(&self, name: &str) -> Result<BusyGuard<'_>> {
         check_name(name)?;
-        // A round that just answered may still be pruning: wait a while for
-        // the name before refusing.
         let deadline = std::time::Instant::now() + BUSY_WAIT;
         let mut b = self.busy.lock().unwrap_or_else(|p| p.into_inner());
         while b.contains(name) {
@@ -181,79 +478,146 @@ impl Store {
         })
     }
 
-    /// `.vsha/NAME`, created if missing.
+    fn tpath(&self, name: &str) -> PathBuf {
+        self.dir.join(".vsha").join(name)
+    }
+
+    /// `.vsha/NAME` (with `undo/`), created if missing.
     pub(crate) fn tree_dir(&self, name: &str) -> Result<OwnedFd> {
         check_name(name)?;
         let meta = fsops::open_dir_at(self.fd.as_fd(), META, META)?;
-        for d in [name.as_bytes()] {
-            match rustix::fs::mkdirat(&meta, OsStr::from_bytes(d), Mode::from_raw_mode(0o700)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                Err(e) => return Err(e).ctx("mkdir", self.dir.join(".vsha").join(name)),
-            }
+        match rustix::fs::mkdirat(&meta, name, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(e).ctx("mkdir", self.tpath(name)),
         }
         let t = fsops::open_dir_at(meta.as_fd(), name.as_bytes(), name.as_bytes())?;
-        match rustix::fs::mkdirat(&t, "v", Mode::from_raw_mode(0o700)) {
+        match rustix::fs::mkdirat(&t, "undo", Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-            Err(e) => return Err(e).ctx("mkdir", self.dir.join(".vsha").join(name).join("v")),
+            Err(e) => return Err(e).ctx("mkdir", self.tpath(name).join("undo")),
         }
         Ok(t)
     }
 
-    /// Sequence number of the current version of `name`, from the symlink.
-    pub fn current_seq(&self, name: &str) -> Result<Option<u64>> {
+    /// The committed state of `name` (cached; re-read when its files changed).
+    pub(crate) fn load(&self, name: &str) -> Result<Option<Arc<Cached>>> {
         check_name(name)?;
-        match rustix::fs::readlinkat(&self.fd, name, Vec::new()) {
-            Ok(t) => {
-                let t = t.to_bytes();
-                let prefix = format!(".vsha/{name}/v/");
-                let seq = t
-                    .strip_prefix(prefix.as_bytes())
-                    .and_then(|s| std::str::from_utf8(s).ok())
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or_else(|| {
-                        SyncError::Protocol(format!(
-                            "{}/{name} is not a symlink made by vsha-sync",
-                            self.dir.display()
-                        ))
-                    })?;
-                Ok(Some(seq))
-            }
-            Err(rustix::io::Errno::NOENT) => Ok(None),
-            Err(e) => Err(e).ctx("readlink", self.dir.join(name)),
+        let tp = self.tpath(name);
+        let tree = match rustix::fs::open(
+            &tp,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(t) => t,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(e).ctx("open", tp),
+        };
+        let key = file_key(&tree);
+        if key.man_ino == 0 {
+            return Ok(None);
         }
+        if let Some(c) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
+            if c.key == key {
+                return Ok(Some(c.clone()));
+            }
+        }
+        let c = Arc::new(self.read_state(&tree, &tp)?);
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), c.clone());
+        Ok(Some(c))
     }
 
-    /// The current snapshot of `name`, if any.
-    pub fn current(&self, name: &str) -> Result<Option<Snapshot>> {
-        let Some(seq) = self.current_seq(name)? else {
-            return Ok(None);
-        };
-        let mpath = self
-            .dir
-            .join(".vsha")
-            .join(name)
-            .join("v")
-            .join(format!("{seq}.manifest"));
-        let b = std::fs::read(&mpath).ctx("read", &mpath)?;
-        let committed = std::fs::metadata(&mpath)
-            .and_then(|m| m.modified())
-            .ctx("stat", &mpath)?;
-        Ok(Some(Snapshot {
+    fn read_state(&self, tree: &OwnedFd, tp: &Path) -> Result<Cached> {
+        let key = file_key(tree);
+        let b = read_at(tree, "manifest")?.ok_or_else(|| SyncError::Io {
+            op: "read",
+            path: tp.join("manifest"),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
+        let base_len = b.len() as u64;
+        let (mut seq, mut t, mut entries, mut digest) = decode_base(&b)?;
+        drop(b);
+        let j = read_at(tree, "journal")?.unwrap_or_default();
+        let (recs, journal_len) = decode_journal(&j);
+        drop(j);
+        let mut changes: std::collections::BTreeMap<Key, Option<Entry>> = Default::default();
+        let mut count = entries.len() as u64;
+        for r in recs {
+            if r.seq <= seq {
+                continue;
+            }
+            if r.seq != seq + 1 {
+                return Err(crate::entry::malformed("journal", "a round is missing"));
+            }
+            for d in r.dels {
+                changes.insert(Key(d), None);
+            }
+            for e in r.puts {
+                changes.insert(Key(e.path.clone()), Some(e));
+            }
+            seq = r.seq;
+            t = r.time_ns;
+            digest = r.digest;
+            count = r.count;
+        }
+        if !changes.is_empty() {
+            let n = entries.len();
+            let ch = changes
+                .into_iter()
+                .map(|(k, v)| (k.0, v.map(|e| (e, [0u8; 32]))))
+                .collect();
+            entries = merge(entries, vec![[0u8; 32]; n], ch).0;
+        }
+        let leaves = leaves_of(&entries);
+        if entries.len() as u64 != count || digest_of(&leaves) != digest {
+            return Err(crate::entry::malformed(
+                "manifest",
+                "digest does not match its entries",
+            ));
+        }
+        Ok(Cached {
             seq,
-            path: self
-                .dir
-                .join(".vsha")
-                .join(name)
-                .join("v")
-                .join(seq.to_string()),
-            index: decode_manifest(&b)?,
-            committed,
+            committed: time_of(t),
+            index: Index { entries, digest },
+            leaves,
+            key,
+            base_len,
+            journal_len,
+        })
+    }
+
+    fn uncache(&self, name: &str) -> Option<Arc<Cached>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name)
+    }
+
+    /// Sequence number of the current version of `name`.
+    pub fn current_seq(&self, name: &str) -> Result<Option<u64>> {
+        Ok(self.load(name)?.map(|c| c.seq))
+    }
+
+    /// The current snapshot of `name`, if any. Its `path` is the live tree:
+    /// a complete snapshot whenever no round of `name` is being applied.
+    pub fn current(&self, name: &str) -> Result<Option<Snapshot>> {
+        Ok(self.load(name)?.map(|c| Snapshot {
+            seq: c.seq,
+            path: self.tpath(name).join("live"),
+            index: c.index.clone(),
+            committed: c.committed,
         }))
     }
 
     /// Whether `name` is marked unified.
     pub fn is_unified(&self, name: &str) -> bool {
-        self.dir.join(".vsha").join(name).join("unified").exists()
+        self.tpath(name).join("unified").exists()
     }
 
     /// Names of all trees with a current snapshot.
@@ -263,7 +627,7 @@ impl Store {
         for e in std::fs::read_dir(&m).ctx("readdir", &m)? {
             let e = e.ctx("readdir", &m)?;
             if let Some(n) = e.file_name().to_str() {
-                if check_name(n).is_ok() && self.current_seq(n).ok().flatten().is_some() {
+                if check_name(n).is_ok() && m.join(n).join("manifest").exists() {
                     v.push(n.to_string());
                 }
             }
@@ -275,43 +639,140 @@ impl Store {
     /// Age of the newest complete snapshot of `name` (the lag).
     pub fn lag(&self, name: &str) -> Result<Option<std::time::Duration>> {
         Ok(self
-            .current(name)?
-            .map(|s| s.committed.elapsed().unwrap_or_default()))
+            .load(name)?
+            .map(|c| c.committed.elapsed().unwrap_or_default()))
     }
 
-    /// Remove leftovers of interrupted rounds and versions newer than the current one.
-    pub(crate) fn cleanup(&self, name: &str, tree: &OwnedFd) -> Result<()> {
+    /// Bring `name` to a committed state after an interrupted round: roll
+    /// back an uncommitted round from its undo log, remove staging leftovers,
+    /// a half-made first version, and undo areas without a log.
+    pub(crate) fn recover(&self, name: &str, tree: &OwnedFd) -> Result<()> {
         fsops::remove_tree(tree.as_fd(), b"tmp")?;
-        let cur = self.current_seq(name)?.unwrap_or(0);
-        let v = fsops::open_dir_at(tree.as_fd(), b"v", b"v")?;
-        let mut stale = Vec::new();
-        for e in std::fs::read_dir(self.dir.join(".vsha").join(name).join("v"))
-            .ctx("readdir", &self.dir)?
+        self.migrate(name, tree)?;
+        let state = self.load(name)?;
+        let Some(state) = state else {
+            // No committed version: nothing of a first round survives.
+            fsops::remove_tree(tree.as_fd(), b"live")?;
+            let _ = rustix::fs::unlinkat(tree, "journal", AtFlags::empty());
+            fsops::remove_tree(tree.as_fd(), b"undo")?;
+            self.tree_dir(name)?;
+            return Ok(());
+        };
+        let undo_dir = fsops::open_dir_at(tree.as_fd(), b"undo", b"undo")?;
+        let mut logs = Vec::new();
+        let mut dirs = Vec::new();
+        for e in
+            std::fs::read_dir(self.tpath(name).join("undo")).ctx("readdir", self.tpath(name))?
         {
-            let e = e.ctx("readdir", &self.dir)?;
-            let n = e.file_name();
-            let s = n.to_string_lossy();
-            let seq = s
-                .trim_end_matches(".manifest")
-                .trim_end_matches(".tmp")
-                .parse::<u64>()
-                .ok();
-            if let Some(seq) = seq {
-                if seq > cur || s.ends_with(".tmp") {
-                    stale.push(n.as_bytes().to_vec());
-                }
+            let e = e.ctx("readdir", self.tpath(name))?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if let Some(s) = n.strip_suffix(".log").and_then(|s| s.parse::<u64>().ok()) {
+                logs.push(s);
+            } else if let Ok(s) = n.parse::<u64>() {
+                dirs.push(s);
+            } else {
+                fsops::remove_tree(undo_dir.as_fd(), n.as_bytes())?;
             }
         }
-        for s in stale {
-            fsops::remove_tree(v.as_fd(), &s)?;
+        logs.sort_unstable();
+        for &s in logs.iter().rev() {
+            if s <= state.seq {
+                continue;
+            }
+            let lname = format!("{s}.log");
+            let b = read_at(&undo_dir, &lname)?.unwrap_or_default();
+            if let Some((_, ops)) = undo::decode(&b) {
+                tracing::warn!(%name, seq = s, "rolling back an interrupted round");
+                let ud =
+                    match fsops::open_dir_at(undo_dir.as_fd(), s.to_string().as_bytes(), b"undo") {
+                        Ok(d) => Some(d),
+                        Err(SyncError::Io { source, .. })
+                            if source.kind() == std::io::ErrorKind::NotFound =>
+                        {
+                            None
+                        }
+                        Err(e) => return Err(e),
+                    };
+                if let Some(ud) = ud {
+                    let live = fsops::open_dir_at(tree.as_fd(), b"live", b"live")?;
+                    let mut lc = DirCache::new(live);
+                    undo::reverse(&ops, &mut lc, ud.as_fd(), false)?;
+                    lc.clear();
+                    undo::set_dir_mtimes(&undo::dirs_touched(&ops), &state.index, &mut lc)?;
+                    rustix::fs::syncfs(tree).ctx("syncfs", self.tpath(name))?;
+                }
+            }
+            fsops::remove_tree(undo_dir.as_fd(), s.to_string().as_bytes())?;
+            fsops::remove_tree(undo_dir.as_fd(), lname.as_bytes())?;
         }
+        for s in dirs {
+            if s > state.seq || !logs.contains(&s) {
+                fsops::remove_tree(undo_dir.as_fd(), s.to_string().as_bytes())?;
+            }
+        }
+        self.ensure_link(name)?;
         Ok(())
     }
 
-    /// Keep only the newest `keep` versions of `name` (errors are logged: the
-    /// round is committed by then, and a concurrent prune may race).
+    /// A store written by the previous layout (`DIR/NAME -> .vsha/NAME/v/SEQ`
+    /// with `v/SEQ.manifest`): its current version becomes the live tree.
+    fn migrate(&self, name: &str, tree: &OwnedFd) -> Result<()> {
+        let Ok(t) = rustix::fs::readlinkat(&self.fd, name, Vec::new()) else {
+            return Ok(());
+        };
+        let prefix = format!(".vsha/{name}/v/");
+        let Some(seq) = t
+            .to_bytes()
+            .strip_prefix(prefix.as_bytes())
+            .and_then(|s| std::str::from_utf8(s).ok())
+            .and_then(|s| s.parse::<u64>().ok())
+        else {
+            return Ok(());
+        };
+        let v = fsops::open_dir_at(tree.as_fd(), b"v", b"v")?;
+        let b = read_at(&v, &format!("{seq}.manifest"))?.ok_or_else(|| {
+            SyncError::Protocol(format!("old layout without the manifest of version {seq}"))
+        })?;
+        let idx = decode_manifest(&b)?;
+        let t = std::fs::metadata(self.tpath(name).join("v").join(format!("{seq}.manifest")))
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|m| m.duration_since(UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_else(now_ns);
+        fsops::remove_tree(tree.as_fd(), b"live")?;
+        rustix::fs::renameat(&v, seq.to_string().as_str(), tree, "live")
+            .ctx("rename", self.tpath(name).join("live"))?;
+        let _ = rustix::fs::unlinkat(tree, "journal", AtFlags::empty());
+        undo::write_durable(tree.as_fd(), "manifest", &encode_base(seq, t, &idx))?;
+        self.ensure_link(name)?;
+        drop(v);
+        fsops::remove_tree(tree.as_fd(), b"v")?;
+        tracing::info!(%name, seq, "converted to the live-tree layout");
+        Ok(())
+    }
+
+    /// `DIR/NAME -> .vsha/NAME/live`.
+    fn ensure_link(&self, name: &str) -> Result<()> {
+        let want = format!(".vsha/{name}/live");
+        if let Ok(t) = rustix::fs::readlinkat(&self.fd, name, Vec::new()) {
+            if t.to_bytes() == want.as_bytes() {
+                return Ok(());
+            }
+        }
+        let link_tmp = format!(".{name}.vsha-tmp");
+        let _ = rustix::fs::unlinkat(&self.fd, link_tmp.as_str(), AtFlags::empty());
+        rustix::fs::symlinkat(want.as_str(), &self.fd, link_tmp.as_str())
+            .ctx("symlink", self.dir.join(&link_tmp))?;
+        rustix::fs::renameat(&self.fd, link_tmp.as_str(), &self.fd, name)
+            .ctx("rename", self.dir.join(name))?;
+        rustix::fs::fsync(&self.fd).ctx("fsync", self.dir.clone())?;
+        Ok(())
+    }
+
+    /// Keep the undo areas of only the newest `keep - 1` rounds of `name`
+    /// (errors are logged: the round is committed by then).
     pub fn prune_old(&self, name: &str) {
-        // One prune at a time per store (two would race on the same directories).
         let _one = self.pruning.lock().unwrap_or_else(|p| p.into_inner());
         let r = self.tree_dir(name).and_then(|t| self.prune(name, &t));
         if let Err(e) = r {
@@ -319,26 +780,103 @@ impl Store {
         }
     }
 
-    /// Keep only the newest `keep` versions.
     pub(crate) fn prune(&self, name: &str, tree: &OwnedFd) -> Result<()> {
-        let cur = self.current_seq(name)?.unwrap_or(0);
-        let vpath = self.dir.join(".vsha").join(name).join("v");
-        let v = fsops::open_dir_at(tree.as_fd(), b"v", b"v")?;
-        let mut seqs: Vec<u64> = Vec::new();
-        for e in std::fs::read_dir(&vpath).ctx("readdir", &vpath)? {
-            let e = e.ctx("readdir", &vpath)?;
-            if let Some(s) = e.file_name().to_str().and_then(|s| s.parse::<u64>().ok()) {
-                seqs.push(s);
+        let Some(cur) = self.current_seq(name)? else {
+            return Ok(());
+        };
+        let up = self.tpath(name).join("undo");
+        let ud = fsops::open_dir_at(tree.as_fd(), b"undo", b"undo")?;
+        // Undo area S turns version S into S - 1: keep S > cur + 1 - keep.
+        let min_kept = (cur + 2).saturating_sub(self.keep as u64);
+        let mut gone = Vec::new();
+        for e in std::fs::read_dir(&up).ctx("readdir", &up)? {
+            let e = e.ctx("readdir", &up)?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            let s = n.trim_end_matches(".log").parse::<u64>().ok();
+            if s.is_some_and(|s| s < min_kept) {
+                gone.push(n);
             }
         }
-        seqs.sort_unstable();
-        seqs.retain(|s| *s <= cur);
-        let n = seqs.len();
-        for s in seqs.into_iter().take(n.saturating_sub(self.keep)) {
-            fsops::remove_tree(v.as_fd(), format!("{s}.manifest").as_bytes())?;
-            fsops::remove_tree(v.as_fd(), s.to_string().as_bytes())?;
+        // Logs first: an undo directory without its log is never used.
+        gone.sort_by_key(|n| !n.ends_with(".log"));
+        for n in gone {
+            fsops::remove_tree(ud.as_fd(), n.as_bytes())?;
         }
         Ok(())
+    }
+
+    /// Sequence numbers of the versions of `name` that can be materialized
+    /// (the current one and those whose undo areas are kept), newest first.
+    pub fn versions(&self, name: &str) -> Result<Vec<u64>> {
+        let Some(cur) = self.current_seq(name)? else {
+            return Ok(Vec::new());
+        };
+        let mut v = vec![cur];
+        let up = self.tpath(name).join("undo");
+        let mut s = cur;
+        while s > 1 && up.join(format!("{s}.log")).exists() && up.join(s.to_string()).exists() {
+            s -= 1;
+            v.push(s);
+        }
+        Ok(v)
+    }
+
+    /// Build a copy of version `seq` of `name` at `dest` (a new directory on
+    /// the store's filesystem: unchanged inodes are hardlinked, so the copy
+    /// must be treated as read-only). Returns its manifest. O(tree).
+    /// Only while no round of `name` runs (the name is locked meanwhile).
+    pub fn materialize(&self, name: &str, seq: u64, dest: &Path) -> Result<Index> {
+        let _g = self.lock(name)?;
+        if !self.versions(name)?.contains(&seq) {
+            return Err(SyncError::Protocol(format!(
+                "version {seq} of {name} is not kept"
+            )));
+        }
+        let state = self
+            .load(name)?
+            .ok_or_else(|| SyncError::Protocol(format!("no snapshot of {name}")))?;
+        let tree = self.tree_dir(name)?;
+        let parent = dest.parent().unwrap_or(Path::new("/"));
+        let leaf = dest
+            .file_name()
+            .ok_or_else(|| SyncError::Protocol("materialize: bad destination".into()))?;
+        let pfd = rustix::fs::open(
+            parent,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ctx("open", parent)?;
+        undo::link_copy(tree.as_fd(), b"live", pfd.as_fd(), leaf.as_bytes(), b"live")?;
+        let root = fsops::open_dir_at(pfd.as_fd(), leaf.as_bytes(), leaf.as_bytes())?;
+        let mut dc = DirCache::new(root);
+        let mut entries = state.index.entries.clone();
+        let ud = fsops::open_dir_at(tree.as_fd(), b"undo", b"undo")?;
+        let mut s = state.seq;
+        while s > seq {
+            let b = read_at(&ud, &format!("{s}.log"))?.unwrap_or_default();
+            let (_, ops) = undo::decode(&b)
+                .ok_or_else(|| SyncError::Protocol(format!("undo log of round {s} unreadable")))?;
+            let sd = fsops::open_dir_at(ud.as_fd(), s.to_string().as_bytes(), b"undo")?;
+            undo::reverse(&ops, &mut dc, sd.as_fd(), true)?;
+            dc.clear();
+            let ch = ops
+                .into_iter()
+                .filter(|o| !o.covered || o.old.is_some())
+                .map(|o| (o.path, o.old.map(|e| (e, [0u8; 32]))))
+                .collect::<Vec<_>>();
+            let n = entries.len();
+            entries = merge(entries, vec![[0u8; 32]; n], ch).0;
+            s -= 1;
+        }
+        let idx = Index::from_entries(entries);
+        let dirs: Vec<Vec<u8>> = idx
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::Dir)
+            .map(|e| e.path.clone())
+            .collect();
+        undo::set_dir_mtimes(&dirs, &idx, &mut dc)?;
+        Ok(idx)
     }
 
     /// Hashes of every regular file in the current snapshots of other unified trees.
@@ -348,7 +886,8 @@ impl Store {
             if other == name || !self.is_unified(&other) {
                 continue;
             }
-            if let Some(s) = self.current(&other)? {
+            if let Some(s) = self.load(&other)? {
+                let path = self.tpath(&other).join("live");
                 let groups: HashSet<&[u8]> = s
                     .index
                     .entries
@@ -361,8 +900,7 @@ impl Store {
                         && !groups.contains(&e.path[..])
                         && e.size > 0
                     {
-                        m.entry(e.hash)
-                            .or_insert_with(|| (s.path.clone(), e.clone()));
+                        m.entry(e.hash).or_insert_with(|| (path.clone(), e.clone()));
                     }
                 }
             }
@@ -370,46 +908,41 @@ impl Store {
         Ok(m)
     }
 
-    /// Commit the tree built in `.vsha/NAME/tmp` as version `seq`.
-    pub(crate) fn commit(&self, name: &str, tree: &OwnedFd, seq: u64, idx: &Index) -> Result<()> {
-        let v = fsops::open_dir_at(tree.as_fd(), b"v", b"v")?;
-        let mname = format!("{seq}.manifest");
-        let mtmp = format!("{seq}.manifest.tmp");
-        {
-            let fd = rustix::fs::openat(
-                &v,
-                mtmp.as_str(),
-                OFlags::WRONLY
-                    | OFlags::CREATE
-                    | OFlags::TRUNC
-                    | OFlags::NOFOLLOW
-                    | OFlags::CLOEXEC,
-                Mode::from_raw_mode(0o600),
-            )
-            .ctx("create", PathBuf::from(&mtmp))?;
-            let mut f = std::fs::File::from(fd);
-            f.write_all(&encode_manifest(idx))
-                .ctx("write", PathBuf::from(&mtmp))?;
+    /// Rewrite the base manifest from the current state and empty the
+    /// journal, when the journal has grown past a fraction of the base.
+    /// Call with the name locked.
+    pub(crate) fn maybe_compact(&self, name: &str) {
+        let r = (|| -> Result<()> {
+            let Some(c) = self.load(name)? else {
+                return Ok(());
+            };
+            if c.journal_len < (1 << 20) + c.base_len / 4 {
+                return Ok(());
+            }
+            let tree = self.tree_dir(name)?;
+            let t = c
+                .committed
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0);
+            undo::write_durable(tree.as_fd(), "manifest", &encode_base(c.seq, t, &c.index))?;
+            // Records up to the base's seq are skipped when loading, so a
+            // crash between these two steps is harmless.
+            undo::write_durable(tree.as_fd(), "journal", &[])?;
+            let mut n = (*c).clone();
+            n.key = file_key(&tree);
+            n.base_len = n.key.man_size;
+            n.journal_len = 0;
+            self.cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(name.to_string(), Arc::new(n));
+            tracing::info!(%name, seq = c.seq, "manifest compacted");
+            Ok(())
+        })();
+        if let Err(e) = r {
+            tracing::warn!(%name, error = %e, "manifest compaction failed");
         }
-        // Everything written this round reaches the disk before the switch.
-        rustix::fs::syncfs(&v).ctx("syncfs", self.dir.clone())?;
-        rustix::fs::renameat(&v, mtmp.as_str(), &v, mname.as_str())
-            .ctx("rename", PathBuf::from(&mname))?;
-        rustix::fs::renameat(tree, "tmp", &v, seq.to_string().as_str())
-            .ctx("rename", PathBuf::from("tmp"))?;
-        rustix::fs::fsync(&v).ctx("fsync", PathBuf::from("v"))?;
-        let link_tmp = format!(".{name}.vsha-tmp");
-        let _ = rustix::fs::unlinkat(&self.fd, link_tmp.as_str(), AtFlags::empty());
-        rustix::fs::symlinkat(
-            format!(".vsha/{name}/v/{seq}").as_str(),
-            &self.fd,
-            link_tmp.as_str(),
-        )
-        .ctx("symlink", self.dir.join(&link_tmp))?;
-        rustix::fs::renameat(&self.fd, link_tmp.as_str(), &self.fd, name)
-            .ctx("rename", self.dir.join(name))?;
-        rustix::fs::fsync(&self.fd).ctx("fsync", self.dir.clone())?;
-        Ok(())
     }
 
     /// Mark or unmark a tree as taking part in unification.
@@ -422,14 +955,77 @@ impl Store {
                 Mode::from_raw_mode(0o600),
             ) {
                 Ok(_) => Ok(()),
-                Err(e) => Err(e).ctx("create", self.dir.join(".vsha").join(name).join("unified")),
+                Err(e) => Err(e).ctx("create", self.tpath(name).join("unified")),
             }
         } else {
             match rustix::fs::unlinkat(tree, "unified", AtFlags::empty()) {
                 Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-                Err(e) => Err(e).ctx("unlink", self.dir.join(".vsha").join(name).join("unified")),
+                Err(e) => Err(e).ctx("unlink", self.tpath(name).join("unified")),
             }
         }
+    }
+
+    /// Commit a first version built in `tmp`: rename it to `live`, write the base manifest.
+    fn commit_first(&self, name: &str, tree: &OwnedFd, c: Cached) -> Result<()> {
+        rustix::fs::syncfs(tree).ctx("syncfs", self.dir.clone())?;
+        fsops::remove_tree(tree.as_fd(), b"live")?;
+        rustix::fs::renameat(tree, "tmp", tree, "live").ctx("rename", self.tpath(name))?;
+        let _ = rustix::fs::unlinkat(tree, "journal", AtFlags::empty());
+        let t = c
+            .committed
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        let base = encode_base(c.seq, t, &c.index);
+        undo::write_durable(tree.as_fd(), "manifest", &base)?;
+        self.ensure_link(name)?;
+        let mut c = c;
+        c.key = file_key(tree);
+        c.base_len = base.len() as u64;
+        c.journal_len = 0;
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), Arc::new(c));
+        Ok(())
+    }
+
+    /// Commit a round applied to the live tree: append its journal record.
+    fn commit_record(
+        &self,
+        name: &str,
+        tree: &OwnedFd,
+        rec: &Record,
+        mut c: Cached,
+        jlen: u64,
+    ) -> Result<()> {
+        rustix::fs::syncfs(tree).ctx("syncfs", self.dir.clone())?;
+        let fd = rustix::fs::openat(
+            tree,
+            "journal",
+            OFlags::WRONLY | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o600),
+        )
+        .ctx("open", self.tpath(name).join("journal"))?;
+        let mut f = std::fs::File::from(fd);
+        // Drop a torn tail left by a crash while appending.
+        f.set_len(jlen)
+            .ctx("truncate", self.tpath(name).join("journal"))?;
+        f.seek(SeekFrom::Start(jlen))
+            .ctx("seek", self.tpath(name).join("journal"))?;
+        let b = encode_record(rec);
+        f.write_all(&b)
+            .ctx("write", self.tpath(name).join("journal"))?;
+        f.sync_data()
+            .ctx("fsync", self.tpath(name).join("journal"))?;
+        rustix::fs::fsync(tree).ctx("fsync", self.tpath(name))?;
+        c.key = file_key(tree);
+        c.journal_len = jlen + b.len() as u64;
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), Arc::new(c));
+        Ok(())
     }
 }
 
@@ -448,36 +1044,50 @@ pub struct ApplyStats {
     pub unified_bytes: u64,
 }
 
-/// Builds one new version in `tmp` from the current one plus a stream of changes.
+/// Where a round puts new inodes.
+enum Target {
+    /// No previous snapshot: the whole tree is built in `tmp/` at its paths.
+    Direct { new: DirCache },
+    /// A previous snapshot: new inodes are staged as `tmp/ID`, the live
+    /// tree is read (delta bases, renames) and changed only at the end.
+    Staged {
+        live: DirCache,
+        stage: Arc<OwnedFd>,
+        next: u64,
+    },
+}
+
+/// One changed path of the round, in tree order.
+struct Change {
+    path: Vec<u8>,
+    old: Option<Entry>,
+    new: Option<Entry>,
+    stage: Option<u64>,
+}
+
+/// Receives one round: stages new inodes, then applies them to the live tree.
 pub(crate) struct Applier<'a> {
     pub(crate) store: &'a Store,
     pub(crate) name: String,
     tree: OwnedFd,
-    old: Option<(DirCache, Index)>,
+    base: Option<Cached>,
     old_groups: HashSet<Vec<u8>>,
-    new: DirCache,
-    cursor: usize,
-    pub(crate) entries: Vec<Entry>,
-    dirs: Vec<usize>,
+    target: Target,
+    changes: Vec<Change>,
     last_key: Option<Vec<u8>>,
     linked_old: Vec<Vec<u8>>,
     pool: HashMap<[u8; 32], (PathBuf, Entry)>,
     pub(crate) stats: ApplyStats,
     workers: Workers,
+    /// Inodes for the next change (set by `order`, used by `push`).
+    pending_old: Option<Entry>,
 }
-
 /// Work the applier hands to its threads: creating small files and carrying
 /// over unchanged entries are independent once their directory exists, and
 /// cold metadata writes are latency bound, so they run in parallel.
 enum Job {
-    Link {
-        from: std::sync::Arc<OwnedFd>,
-        to: std::sync::Arc<OwnedFd>,
-        name: Vec<u8>,
-        path: Vec<u8>,
-    },
     Write {
-        dir: std::sync::Arc<OwnedFd>,
+        dir: Arc<OwnedFd>,
         name: Vec<u8>,
         entry: Entry,
         data: Vec<u8>,
@@ -486,12 +1096,6 @@ enum Job {
 
 fn run_job(job: Job) -> Result<()> {
     match job {
-        Job::Link {
-            from,
-            to,
-            name,
-            path,
-        } => fsops::link(from.as_fd(), &name, to.as_fd(), &name, &path),
         Job::Write {
             dir,
             name,
@@ -602,33 +1206,47 @@ pub(crate) struct Incoming {
     hasher: blake3::Hasher,
     written: u64,
     basis: Option<(std::fs::File, u64, u32)>,
+    stage: Option<u64>,
 }
 
 static ZEROS: [u8; 65536] = [0; 65536];
 
 impl<'a> Applier<'a> {
-    /// Start a new version of `name`: `old` is the current snapshot.
+    /// Start a round of `name` (locked and recovered by the caller) on top
+    /// of `cur`, its committed state.
     pub(crate) fn begin(
         store: &'a Store,
         name: &str,
-        old: Option<Snapshot>,
+        cur: Option<Arc<Cached>>,
         unified: bool,
     ) -> Result<Applier<'a>> {
         let tree = store.tree_dir(name)?;
-        store.cleanup(name, &tree)?;
+        fsops::remove_tree(tree.as_fd(), b"tmp")?;
         fsops::make_dir(tree.as_fd(), b"tmp", b"tmp")?;
-        let new = DirCache::new(fsops::open_dir_at(tree.as_fd(), b"tmp", b"tmp")?);
-        let old = match old {
-            Some(s) => {
-                let v = fsops::open_dir_at(tree.as_fd(), b"v", b"v")?;
-                let fd = fsops::open_dir_at(v.as_fd(), s.seq.to_string().as_bytes(), b"v")?;
-                Some((DirCache::new(fd), s.index))
-            }
-            None => None,
+        let tmp = fsops::open_dir_at(tree.as_fd(), b"tmp", b"tmp")?;
+        // Take the state out of the cache: the round consumes it (a failed
+        // round leaves the cache empty and the state is re-read from disk).
+        drop(store.uncache(name));
+        let base = cur.map(|c| Arc::try_unwrap(c).unwrap_or_else(|c| (*c).clone()));
+        let target = match &base {
+            Some(_) => Target::Staged {
+                live: DirCache::new(fsops::open_dir_at(tree.as_fd(), b"live", b"live")?),
+                stage: Arc::new(tmp),
+                next: 0,
+            },
+            None => Target::Direct {
+                new: DirCache::new(tmp),
+            },
         };
-        let old_groups = old
+        let old_groups = base
             .as_ref()
-            .map(|(_, i)| i.entries.iter().filter_map(|e| e.link.clone()).collect())
+            .map(|c| {
+                c.index
+                    .entries
+                    .iter()
+                    .filter_map(|e| e.link.clone())
+                    .collect()
+            })
             .unwrap_or_default();
         let pool = if unified {
             store.pool(name)?
@@ -639,18 +1257,22 @@ impl<'a> Applier<'a> {
             store,
             name: name.to_string(),
             tree,
-            old,
+            base,
             old_groups,
-            new,
-            cursor: 0,
-            entries: Vec::new(),
-            dirs: Vec::new(),
+            target,
+            changes: Vec::new(),
             last_key: None,
             linked_old: Vec::new(),
             pool,
             stats: ApplyStats::default(),
             workers: Workers::new(),
+            pending_old: None,
         })
+    }
+
+    /// The committed state this round builds on.
+    pub(crate) fn base(&self) -> Option<&Cached> {
+        self.base.as_ref()
     }
 
     /// Which of these hashes the unification pool holds.
@@ -659,7 +1281,15 @@ impl<'a> Applier<'a> {
     }
 
     fn old_entry(&self, path: &[u8]) -> Option<&Entry> {
-        self.old.as_ref().and_then(|(_, i)| i.get(path))
+        self.base.as_ref().and_then(|c| c.index.get(path))
+    }
+
+    /// The entry of `path` in the tree being built (so far).
+    fn new_entry(&self, path: &[u8]) -> Option<&Entry> {
+        match self.changes.binary_search_by(|c| key_cmp(&c.path, path)) {
+            Ok(i) => self.changes[i].new.as_ref(),
+            Err(_) => self.old_entry(path),
+        }
     }
 
     fn order(&mut self, path: &[u8]) -> Result<()> {
@@ -673,73 +1303,60 @@ impl<'a> Applier<'a> {
             }
         }
         self.last_key = Some(path.to_vec());
-        // Carry over every unchanged entry that sorts before this one.
-        while let Some(e) = self
-            .old
-            .as_ref()
-            .and_then(|(_, idx)| idx.entries.get(self.cursor))
-        {
-            match key_cmp(&e.path, path) {
-                std::cmp::Ordering::Less => {
-                    let e = e.clone();
-                    self.cursor += 1;
-                    self.inherit(e)?;
-                }
-                std::cmp::Ordering::Equal => {
-                    self.cursor += 1;
-                    break;
-                }
-                std::cmp::Ordering::Greater => break,
+        self.pending_old = self.old_entry(path).cloned();
+        Ok(())
+    }
+
+    /// The parent of a new entry must be a directory of the new tree (a
+    /// symlink or file in the way is refused before anything is written).
+    fn check_parent(&self, path: &[u8]) -> Result<()> {
+        if path.is_empty() {
+            return Ok(());
+        }
+        match self.new_entry(split_parent(path).0) {
+            Some(p) if p.kind == Kind::Dir => Ok(()),
+            _ => Err(SyncError::BadPath {
+                path: display(path),
+                why: "a component is not a directory (symlink or file in the way)",
+            }),
+        }
+    }
+
+    fn push(&mut self, e: Entry, stage: Option<u64>) {
+        self.changes.push(Change {
+            path: e.path.clone(),
+            old: self.pending_old.take(),
+            new: Some(e),
+            stage,
+        });
+    }
+
+    /// Where the new inode of `path` is created: (directory, name, stage id).
+    fn target(&mut self, path: &[u8]) -> Result<(Arc<OwnedFd>, Vec<u8>, Option<u64>)> {
+        match &mut self.target {
+            Target::Direct { new } => {
+                let (parent, name) = split_parent(path);
+                Ok((new.dir_arc(parent)?, name.to_vec(), None))
+            }
+            Target::Staged { stage, next, .. } => {
+                let id = *next;
+                *next += 1;
+                Ok((stage.clone(), id.to_string().into_bytes(), Some(id)))
             }
         }
-        Ok(())
     }
 
-    fn push(&mut self, e: Entry) {
-        if e.kind == Kind::Dir {
-            self.dirs.push(self.entries.len());
+    /// The directory `rel` of the live tree (the previous snapshot).
+    fn live_dir(&mut self, rel: &[u8]) -> Result<Arc<OwnedFd>> {
+        match &mut self.target {
+            Target::Staged { live, .. } => live.dir_arc(rel),
+            Target::Direct { .. } => Err(SyncError::Protocol(
+                "local source without a current snapshot".into(),
+            )),
         }
-        self.entries.push(e);
     }
 
-    fn inherit(&mut self, e: Entry) -> Result<()> {
-        if e.path.is_empty() || e.kind == Kind::Dir {
-            return self.put_dir(e);
-        }
-        let (parent, name) = split_parent(&e.path);
-        let Some((oldc, _)) = self.old.as_mut() else {
-            return Err(SyncError::Protocol(
-                "inherit without a current snapshot".into(),
-            ));
-        };
-        let from = oldc.dir_arc(parent)?;
-        let to = self.new.dir_arc(parent)?;
-        self.workers.submit(Job::Link {
-            from,
-            to,
-            name: name.to_vec(),
-            path: e.path.clone(),
-        })?;
-        self.push(e);
-        Ok(())
-    }
-
-    fn put_dir(&mut self, e: Entry) -> Result<()> {
-        if e.path.is_empty() {
-            let fd = self.new.root();
-            fsops::apply_meta_fd(fd, &e, false)?;
-        } else {
-            let (parent, name) = split_parent(&e.path);
-            let pfd = self.new.dir(parent)?;
-            fsops::make_dir(pfd, name, &e.path)?;
-            let fd = self.new.dir(&e.path)?;
-            fsops::apply_meta_fd(fd, &e, false)?;
-        }
-        self.push(e);
-        Ok(())
-    }
-
-    /// Delete `path` of the current snapshot (it is simply not carried over).
+    /// Delete `path` of the current snapshot.
     pub(crate) fn delete(&mut self, path: &[u8]) -> Result<()> {
         if self.old_entry(path).is_none() {
             return Err(SyncError::Protocol(format!(
@@ -749,6 +1366,12 @@ impl<'a> Applier<'a> {
         }
         self.order(path)?;
         self.stats.deleted += 1;
+        self.changes.push(Change {
+            path: path.to_vec(),
+            old: self.pending_old.take(),
+            new: None,
+            stage: None,
+        });
         Ok(())
     }
 
@@ -766,6 +1389,7 @@ impl<'a> Applier<'a> {
             ));
         }
         self.order(&e.path)?;
+        self.check_parent(&e.path)?;
         self.stats.changed += 1;
         if e.kind != Kind::File && src != Source::None {
             return Err(SyncError::Protocol(format!(
@@ -780,46 +1404,58 @@ impl<'a> Applier<'a> {
                     e.display_path()
                 )));
             }
-            let li = self
-                .entries
-                .binary_search_by(|x| key_cmp(&x.path, &leader))
-                .map_err(|_| {
-                    SyncError::Protocol(format!(
-                        "{:?}: hardlink to {:?}, not (yet) in the tree",
-                        e.display_path(),
-                        display(&leader)
-                    ))
-                })?;
-            // The leader may still be being written by a worker.
-            self.workers.barrier()?;
+            if key_cmp(&leader, &e.path) != std::cmp::Ordering::Less {
+                return Err(SyncError::Protocol(format!(
+                    "{:?}: hardlink to {:?}, not (yet) in the tree",
+                    e.display_path(),
+                    display(&leader)
+                )));
+            }
+            let le = self.new_entry(&leader).cloned().ok_or_else(|| {
+                SyncError::Protocol(format!(
+                    "{:?}: hardlink to {:?}, not (yet) in the tree",
+                    e.display_path(),
+                    display(&leader)
+                ))
+            })?;
             // The leader's hash is what was actually sent for it.
-            e.hash = self.entries[li].hash;
-            if !self.entries[li].same_inode_meta(&e) || self.entries[li].link.is_some() {
+            e.hash = le.hash;
+            if !le.same_inode_meta(&e) || le.link.is_some() || le.kind == Kind::Dir {
                 return Err(SyncError::Protocol(format!(
                     "{:?}: hardlink metadata differs from its leader",
                     e.display_path()
                 )));
             }
-            let (lp, ln) = split_parent(&leader);
-            let (pp, pn) = split_parent(&e.path);
-            let root = self.new.root();
-            let lfd = open_parent(root, lp)?;
-            let pfd = open_parent(root, pp)?;
-            fsops::link(lfd.as_fd(), ln, pfd.as_fd(), pn, &e.path)?;
-            self.new.clear();
-            self.push(e);
+            if let Target::Direct { new } = &mut self.target {
+                // The leader may still be being written by a worker.
+                self.workers.barrier()?;
+                let (lp, ln) = split_parent(&leader);
+                let (pp, pn) = split_parent(&e.path);
+                let lfd = new.dir_arc(lp)?;
+                let pfd = new.dir_arc(pp)?;
+                fsops::link(lfd.as_fd(), ln, pfd.as_fd(), pn, &e.path)?;
+            }
+            self.push(e, None);
             return Ok(None);
         }
         match e.kind {
             Kind::Dir => {
-                self.put_dir(e)?;
+                if let Target::Direct { new } = &mut self.target {
+                    if e.path.is_empty() {
+                        fsops::apply_meta_fd(new.root(), &e, false)?;
+                    } else {
+                        let (parent, name) = split_parent(&e.path);
+                        fsops::make_dir(new.dir(parent)?, name, &e.path)?;
+                        fsops::apply_meta_fd(new.dir(&e.path)?, &e, false)?;
+                    }
+                }
+                self.push(e, None);
                 Ok(None)
             }
             Kind::Symlink | Kind::Char | Kind::Block | Kind::Fifo | Kind::Socket => {
-                let (parent, name) = split_parent(&e.path);
-                let pfd = self.new.dir(parent)?;
-                fsops::make_special(pfd, name, &e)?;
-                self.push(e);
+                let (dir, name, id) = self.target(&e.path)?;
+                fsops::make_special(dir.as_fd(), &name, &e)?;
+                self.push(e, id);
                 Ok(None)
             }
             Kind::File => match src {
@@ -828,14 +1464,15 @@ impl<'a> Applier<'a> {
                     e.display_path()
                 ))),
                 Source::Data => {
-                    let (parent, name) = split_parent(&e.path);
-                    let f = fsops::create_file(self.new.dir(parent)?, name, &e.path)?;
+                    let (dir, name, stage) = self.target(&e.path)?;
+                    let f = fsops::create_file(dir.as_fd(), &name, &e.path)?;
                     Ok(Some(Incoming {
                         entry: e,
                         file: f,
                         hasher: blake3::Hasher::new(),
                         written: 0,
                         basis: None,
+                        stage,
                     }))
                 }
                 Source::Delta(b) => {
@@ -850,20 +1487,17 @@ impl<'a> Applier<'a> {
                             ))
                         })?;
                     let (bp, bn) = split_parent(&b);
-                    let Some((oldc, _)) = self.old.as_mut() else {
-                        return Err(SyncError::Protocol(
-                            "delta without a current snapshot".into(),
-                        ));
-                    };
-                    let bf = fsops::open_read(oldc.dir(bp)?, bn, &b)?;
-                    let (parent, name) = split_parent(&e.path);
-                    let f = fsops::create_file(self.new.dir(parent)?, name, &e.path)?;
+                    let bdir = self.live_dir(bp)?;
+                    let bf = fsops::open_read(bdir.as_fd(), bn, &b)?;
+                    let (dir, name, stage) = self.target(&e.path)?;
+                    let f = fsops::create_file(dir.as_fd(), &name, &e.path)?;
                     Ok(Some(Incoming {
                         entry: e,
                         file: f,
                         hasher: blake3::Hasher::new(),
                         written: 0,
                         basis: Some((bf, be.size, crate::delta::block_size(be.size))),
+                        stage,
                     }))
                 }
                 Source::Old(from) => {
@@ -880,25 +1514,20 @@ impl<'a> Applier<'a> {
                         })?;
                     let in_group = oe.link.is_some() || self.old_groups.contains(&oe.path);
                     let (fp, fname) = split_parent(&from);
-                    let (parent, name) = split_parent(&e.path);
-                    let Some((oldc, _)) = self.old.as_mut() else {
-                        return Err(SyncError::Protocol(
-                            "local source without a current snapshot".into(),
-                        ));
-                    };
-                    let ffd = oldc.dir(fp)?;
+                    let ffd = self.live_dir(fp)?;
+                    let (dir, name, stage) = self.target(&e.path)?;
                     if from != e.path && !in_group && oe.same_inode_meta(&e) {
                         // A rename: share the inode (checked at the end: `from` must be gone).
-                        let pfd = self.new.dir(parent)?;
-                        fsops::link(ffd, fname, pfd, name, &e.path)?;
+                        fsops::link(ffd.as_fd(), fname, dir.as_fd(), &name, &e.path)?;
                         self.linked_old.push(from);
                     } else {
-                        let mut src = fsops::open_read(ffd, fname, &from)?;
-                        let mut f = fsops::create_file(self.new.dir(parent)?, name, &e.path)?;
+                        // Never change a shared inode: copy (in-kernel).
+                        let mut src = fsops::open_read(ffd.as_fd(), fname, &from)?;
+                        let mut f = fsops::create_file(dir.as_fd(), &name, &e.path)?;
                         copy_all(&mut src, &mut f, &e.path)?;
                         fsops::apply_meta_fd(f.as_fd(), &e, true)?;
                     }
-                    self.push(e);
+                    self.push(e, stage);
                     Ok(None)
                 }
                 Source::Pool => {
@@ -915,18 +1544,18 @@ impl<'a> Applier<'a> {
                     )
                     .ctx("open", &root)?;
                     let (op, on) = split_parent(&pe.path);
-                    let ofd = open_parent(other.as_fd(), op)?;
-                    let (parent, name) = split_parent(&e.path);
+                    let ofd = undo::open_rel(other.as_fd(), op)?;
+                    let (dir, name, stage) = self.target(&e.path)?;
                     if pe.same_inode_meta(&e) {
-                        fsops::link(ofd.as_fd(), on, self.new.dir(parent)?, name, &e.path)?;
+                        fsops::link(ofd.as_fd(), on, dir.as_fd(), &name, &e.path)?;
                     } else {
                         let mut src = fsops::open_read(ofd.as_fd(), on, &pe.path)?;
-                        let mut f = fsops::create_file(self.new.dir(parent)?, name, &e.path)?;
+                        let mut f = fsops::create_file(dir.as_fd(), &name, &e.path)?;
                         copy_all(&mut src, &mut f, &e.path)?;
                         fsops::apply_meta_fd(f.as_fd(), &e, true)?;
                     }
                     self.stats.unified_bytes += e.size;
-                    self.push(e);
+                    self.push(e, stage);
                     Ok(None)
                 }
             },
@@ -946,21 +1575,20 @@ impl<'a> Applier<'a> {
             )));
         }
         self.order(&e.path)?;
+        self.check_parent(&e.path)?;
         self.stats.changed += 1;
         self.stats.literal_bytes += data.len() as u64;
         e.hash = hash;
-        let (parent, name) = split_parent(&e.path);
-        let dir = self.new.dir_arc(parent)?;
+        let (dir, name, stage) = self.target(&e.path)?;
         self.workers.submit(Job::Write {
             dir,
-            name: name.to_vec(),
+            name,
             entry: e.clone(),
             data,
         })?;
-        self.push(e);
+        self.push(e, stage);
         Ok(())
     }
-
     /// Content bytes of the incoming file.
     pub(crate) fn data(&mut self, inc: &mut Incoming, d: &[u8]) -> Result<()> {
         if inc.written + d.len() as u64 > inc.entry.size {
@@ -1051,6 +1679,7 @@ impl<'a> Applier<'a> {
             file,
             hasher,
             written,
+            stage,
             ..
         } = inc;
         // The sender hashes what it actually read (a live file may have
@@ -1071,66 +1700,192 @@ impl<'a> Applier<'a> {
         file.set_len(entry.size)
             .ctx("truncate", fsops::p(&entry.path))?;
         fsops::apply_meta_fd(file.as_fd(), &entry, true)?;
-        self.push(entry);
+        self.push(entry, stage);
         Ok(())
     }
 
-    /// All changes received: carry over the rest, set directory times, check
-    /// the digest, commit. Returns the new sequence number.
+    /// All changes received: check the digest, apply, commit. Returns the
+    /// new sequence number.
     pub(crate) fn finish(mut self, digest: [u8; 32], count: u64) -> Result<(u64, ApplyStats)> {
-        let n_old = self.old.as_ref().map(|(_, i)| i.entries.len()).unwrap_or(0);
-        while self.cursor < n_old {
-            let e = self
-                .old
-                .as_ref()
-                .map(|(_, i)| i.entries[self.cursor].clone());
-            self.cursor += 1;
-            if let Some(e) = e {
-                self.inherit(e)?;
-            }
-        }
         self.workers.barrier()?;
         for from in &self.linked_old {
-            if self
-                .entries
-                .binary_search_by(|x| key_cmp(&x.path, from))
-                .is_ok()
-            {
+            let gone = self
+                .changes
+                .binary_search_by(|c| key_cmp(&c.path, from))
+                .is_ok_and(|i| self.changes[i].new.is_none());
+            if !gone {
                 return Err(SyncError::Protocol(format!(
                     "{:?} was used as a rename source but is still in the tree",
                     display(from)
                 )));
             }
         }
-        if self.entries.len() as u64 != count {
-            return Err(SyncError::Protocol(format!(
-                "built {} entries, sender announced {count}",
-                self.entries.len()
-            )));
-        }
-        let got = tree_digest(&self.entries);
-        if got != digest {
-            return Err(SyncError::DigestMismatch {
-                expected: crate::entry::hex(&digest),
-                got: crate::entry::hex(&got),
+        let changes = std::mem::take(&mut self.changes);
+        let base = self.base.take();
+        let seq = base.as_ref().map(|b| b.seq).unwrap_or(0) + 1;
+        let committed = time_of(now_ns());
+        let check = |n: usize, got: [u8; 32]| -> Result<()> {
+            if n as u64 != count {
+                return Err(SyncError::Protocol(format!(
+                    "built {n} entries, sender announced {count}"
+                )));
+            }
+            if got != digest {
+                return Err(SyncError::DigestMismatch {
+                    expected: crate::entry::hex(&digest),
+                    got: crate::entry::hex(&got),
+                });
+            }
+            Ok(())
+        };
+        let Some(base) = base else {
+            // First version: the tree is complete in `tmp`.
+            let entries: Vec<Entry> = changes.into_iter().filter_map(|c| c.new).collect();
+            let leaves = leaves_of(&entries);
+            check(entries.len(), digest_of(&leaves))?;
+            if let Target::Direct { new } = &mut self.target {
+                new.clear();
+                for e in entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
+                    fsops::set_mtime_fd(new.dir(&e.path)?, e)?;
+                }
+                new.clear();
+            }
+            let c = Cached {
+                seq,
+                committed,
+                index: Index { entries, digest },
+                leaves,
+                key: FileKey::default(),
+                base_len: 0,
+                journal_len: 0,
+            };
+            self.store.commit_first(&self.name, &self.tree, c)?;
+            return Ok((seq, self.stats));
+        };
+        let Cached {
+            index,
+            leaves,
+            journal_len,
+            base_len,
+            ..
+        } = base;
+        let new_leaves: Vec<Option<[u8; 32]>> = changes
+            .par_iter()
+            .map(|c| c.new.as_ref().map(|e| e.leaf()))
+            .collect();
+        let mut ops: Vec<Op> = Vec::with_capacity(changes.len());
+        let mut merged = Vec::with_capacity(changes.len());
+        let mut puts = Vec::new();
+        let mut dels = Vec::new();
+        for (c, l) in changes.into_iter().zip(new_leaves) {
+            match &c.new {
+                Some(e) => puts.push(e.clone()),
+                None => dels.push(c.path.clone()),
+            }
+            merged.push((c.path.clone(), c.new.clone().zip(l)));
+            ops.push(Op {
+                path: c.path,
+                old: c.old,
+                new: c.new,
+                stage: c.stage,
+                covered: false,
             });
         }
-        // Directory mtimes last, deepest first.
-        self.new.clear();
-        for &i in self.dirs.iter().rev() {
-            let e = &self.entries[i];
-            let fd = self.new.dir(&e.path)?;
-            fsops::set_mtime_fd(fd, e)?;
-        }
-        self.new.clear();
-        let seq = self.store.current_seq(&self.name)?.unwrap_or(0) + 1;
-        let idx = Index {
-            entries: std::mem::take(&mut self.entries),
-            digest,
+        undo::plan(&mut ops);
+        let touched = undo::dirs_touched(&ops);
+        let old_dirs = Index {
+            entries: touched
+                .iter()
+                .filter_map(|d| index.get(d).cloned())
+                .collect(),
+            digest: [0; 32],
         };
-        self.store.commit(&self.name, &self.tree, seq, &idx)?;
-        // Pruning old versions is left to the caller, after the sender has
-        // its answer: removing a whole version is O(tree) and not part of the round.
+        let (entries, leaves) = merge(index.entries, leaves, merged);
+        check(entries.len(), digest_of(&leaves))?;
+        let new_index = Index { entries, digest };
+
+        // The intent/undo log reaches the disk before the live tree changes.
+        let ud = fsops::open_dir_at(self.tree.as_fd(), b"undo", b"undo")?;
+        let lname = format!("{seq}.log");
+        undo::write_durable(ud.as_fd(), &lname, &undo::encode(seq, &ops))?;
+        fsops::remove_tree(ud.as_fd(), seq.to_string().as_bytes())?;
+        fsops::make_dir(ud.as_fd(), seq.to_string().as_bytes(), b"undo")?;
+        let sd = fsops::open_dir_at(ud.as_fd(), seq.to_string().as_bytes(), b"undo")?;
+        rustix::fs::fsync(&ud).ctx("fsync", PathBuf::from("undo"))?;
+        let Target::Staged { live, stage, .. } = &mut self.target else {
+            return Err(SyncError::Protocol("staged round without a stage".into()));
+        };
+        live.clear();
+        let stage = stage.clone();
+        let rec = Record {
+            seq,
+            time_ns: committed
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
+            count,
+            digest,
+            puts,
+            dels,
+        };
+        let c = Cached {
+            seq,
+            committed,
+            index: new_index,
+            leaves,
+            key: FileKey::default(),
+            base_len,
+            journal_len: 0,
+        };
+        let fault = self
+            .store
+            .fault
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let r = match fault {
+            Some((after, crash)) => {
+                let n = after.min(ops.len());
+                undo::apply(&ops[..n], live, stage.as_fd(), sd.as_fd())?;
+                if crash {
+                    // Leave everything as a crash would: no rollback now.
+                    drop(sd);
+                    return Err(SyncError::Aborted("injected crash while applying".into()));
+                }
+                Err(SyncError::Aborted("injected fault while applying".into()))
+            }
+            None => undo::apply(&ops, live, stage.as_fd(), sd.as_fd()),
+        };
+        let r = r
+            .and_then(|()| {
+                live.clear();
+                undo::set_dir_mtimes(&touched, &c.index, live)
+            })
+            .and_then(|()| {
+                self.store
+                    .commit_record(&self.name, &self.tree, &rec, c, journal_len)
+            });
+        if let Err(e) = r {
+            tracing::warn!(name = %self.name, error = %e, "applying a round failed: rolling back");
+            // The record may be half written: cut the journal back first.
+            if let Ok(fd) = rustix::fs::openat(
+                &self.tree,
+                "journal",
+                OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            ) {
+                let _ = std::fs::File::from(fd).set_len(journal_len);
+            }
+            live.clear();
+            undo::reverse(&ops, live, sd.as_fd(), false)?;
+            live.clear();
+            undo::set_dir_mtimes(&touched, &old_dirs, live)?;
+            rustix::fs::syncfs(&self.tree).ctx("syncfs", self.store.dir.clone())?;
+            drop(sd);
+            fsops::remove_tree(ud.as_fd(), seq.to_string().as_bytes())?;
+            fsops::remove_tree(ud.as_fd(), lname.as_bytes())?;
+            return Err(e);
+        }
         Ok((seq, self.stats))
     }
 
@@ -1145,12 +1900,6 @@ impl<'a> Applier<'a> {
     }
 }
 
-fn open_parent(root: std::os::fd::BorrowedFd<'_>, rel: &[u8]) -> Result<OwnedFd> {
-    let mut c = DirCache::new(rustix::io::dup(root).ctx("dup", PathBuf::from("."))?);
-    let fd = c.dir(rel)?;
-    rustix::io::dup(fd).ctx("dup", fsops::p(rel))
-}
-
 fn copy_all(src: &mut std::fs::File, dst: &mut std::fs::File, path: &[u8]) -> Result<()> {
     // std::io::copy uses copy_file_range between files (in-kernel copy).
     std::io::copy(src, dst).ctx("copy", fsops::p(path))?;
@@ -1160,14 +1909,9 @@ fn copy_all(src: &mut std::fs::File, dst: &mut std::fs::File, path: &[u8]) -> Re
 impl Drop for Applier<'_> {
     fn drop(&mut self) {
         self.workers.stop();
-        // If the round did not commit, `tmp` is left for `cleanup` at the next
-        // round; remove it now to free space early. Best effort.
+        // Staged inodes of a round that did not commit (and the empty
+        // staging directory of one that did). Best effort: `recover` at the
+        // next round removes anything left.
         let _ = fsops::remove_tree(self.tree.as_fd(), b"tmp");
     }
-}
-
-/// Keep `OsStr` import used for path joins in this module.
-#[allow(dead_code)]
-fn _os(p: &[u8]) -> &OsStr {
-    OsStr::from_bytes(p)
 }

@@ -129,17 +129,77 @@ async fn leftovers_of_a_crashed_receiver_are_ignored_and_cleaned() {
     write(&src.join("a"), b"1");
     let mut pair = Pair::new(&t.path().join("dst"));
     let s = pair.round(&src, "web").await.unwrap();
-    // A crash in the middle of a round and one between manifest and switch.
+    // A crash while staging, and one while writing the undo log.
     let v = t.path().join("dst/.vsha/web");
     write(&v.join("tmp/half/written"), b"junk");
-    write(&v.join(format!("v/{}.manifest.tmp", s.seq + 1)), b"junk");
-    write(&v.join(format!("v/{}/x", s.seq + 1)), b"junk");
+    write(&v.join(format!("undo/{}.log", s.seq + 1)), b"junk");
+    write(&v.join(format!("undo/{}/x", s.seq + 1)), b"junk");
+    write(&v.join("manifest.tmp"), b"junk");
     assert_same(&src, &pair.current("web"));
     write(&src.join("b"), b"2");
     let s2 = pair.round(&src, "web").await.unwrap();
     assert_eq!(s2.seq, s.seq + 1);
     assert_same(&src, &pair.current("web"));
     assert!(!v.join("tmp").exists());
+    assert!(!v.join(format!("undo/{}/x", s.seq + 1)).exists());
+}
+
+/// A round that fails (or crashes) half-way through applying its changes to
+/// the live tree: the previous snapshot is restored exactly, by the round
+/// itself or by the recovery at the next open / round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_while_applying_is_rolled_back() {
+    init_tracing();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    rich_tree(&src);
+    for k in 0..30 {
+        write(
+            &src.join(format!("d{}/f{k}", k % 3)),
+            format!("v0 {k}").as_bytes(),
+        );
+    }
+    let dst = t.path().join("dst");
+    let mut pair = Pair::new(&dst);
+    pair.round(&src, "web").await.unwrap();
+    for (i, crash) in [false, false, true, true, true].into_iter().enumerate() {
+        // Edits, new files, a deleted directory, a file replacing a directory,
+        // a metadata-only change of a directory.
+        for k in (0..30).filter(|k| i < 2 || k % 3 != 2) {
+            write(
+                &src.join(format!("d{}/f{k}", k % 3)),
+                format!("v{} {k}", i + 1).as_bytes(),
+            );
+        }
+        write(&src.join(format!("new{i}/x")), b"x");
+        if i > 0 {
+            let _ = std::fs::remove_dir_all(src.join(format!("new{}", i - 1)));
+        }
+        if i == 2 {
+            std::fs::remove_dir_all(src.join("d2")).unwrap();
+            write(&src.join("d2"), b"now a file");
+        }
+        chmod(&src.join("d0"), 0o700 + i as u32);
+        let before = pair.store.current("web").unwrap().unwrap();
+        assert_eq!(disk_digest(&pair.current("web")), before.index.digest);
+        pair.store.inject_apply_fault([0, 7, 25, 60, 3][i], crash);
+        let r = pair.round(&src, "web").await;
+        assert!(r.is_err(), "the injected fault must fail the round");
+        if crash {
+            // A "restart": a new Store recovers the tree at open.
+            pair.store = Arc::new(Store::open(&dst, 2).unwrap());
+        }
+        let now = pair.store.current("web").unwrap().unwrap();
+        assert_eq!(now.seq, before.seq);
+        assert_eq!(
+            disk_digest(&pair.current("web")),
+            before.index.digest,
+            "round {i} (crash {crash}) changed the snapshot"
+        );
+        pair.state = Some(Default::default());
+        pair.round(&src, "web").await.unwrap();
+        assert_same(&src, &pair.current("web"));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,15 +211,22 @@ async fn keeps_n_versions() {
         write(&src.join("f"), format!("{i}").as_bytes());
         pair.round(&src, "web").await.unwrap();
     }
-    let n = std::fs::read_dir(t.path().join("dst/.vsha/web/v"))
+    let cur = pair.store.current("web").unwrap().unwrap();
+    assert_eq!(
+        pair.store.versions("web").unwrap(),
+        vec![cur.seq, cur.seq - 1]
+    );
+    let n = std::fs::read_dir(t.path().join("dst/.vsha/web/undo"))
         .unwrap()
-        .filter(|e| {
-            !e.as_ref()
-                .unwrap()
-                .file_name()
-                .to_string_lossy()
-                .contains('.')
-        })
         .count();
-    assert_eq!(n, 2);
+    assert_eq!(n, 2, "one undo area and its log");
+    // The previous version can be materialized, exactly.
+    let old = t.path().join("dst/old");
+    let idx = pair.store.materialize("web", cur.seq - 1, &old).unwrap();
+    assert_eq!(std::fs::read(old.join("f")).unwrap(), b"3");
+    assert_eq!(disk_digest(&old), idx.digest);
+    assert!(pair
+        .store
+        .materialize("web", cur.seq - 2, &t.path().join("dst/older"))
+        .is_err());
 }

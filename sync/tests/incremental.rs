@@ -69,7 +69,9 @@ async fn every_kind_of_change_is_replicated_in_one_round() {
     let store = &pair.store;
     let cur = store.current("web").unwrap().unwrap();
     assert_eq!(cur.seq, first.seq + 1);
-    let prev = t.path().join("dst/.vsha/web/v").join(first.seq.to_string());
+    let prev = t.path().join("dst/prev");
+    let pidx = store.materialize("web", first.seq, &prev).unwrap();
+    assert_eq!(disk_digest(&prev), pidx.digest);
     let pm = std::fs::metadata(prev.join("data/d1/f6")).unwrap();
     assert_eq!(pm.mode() & 0o777, 0o644);
     assert!(store.lag("web").unwrap().is_some());
