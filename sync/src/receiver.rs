@@ -242,14 +242,14 @@ fn stream_changes(
         seq,
         unified_bytes: stats.unified_bytes,
     });
-    // Compaction of the manifest (rare, O(tree)) after the answer, with the
-    // name still locked. The next round may start after it; pruning only
-    // removes undo areas of older rounds, never what a new round writes.
+    // Compaction of the manifest (rare, O(tree)) and pruning of the undo
+    // area of the round that fell out of the kept versions (O(its changes))
+    // after the answer, with the name still locked.
     if sent.is_ok() {
         store.maybe_compact(name);
     }
+    store.prune_locked(name);
     drop(busy.take());
-    store.prune_old(name);
     sent?;
     Ok(Received {
         name: name.to_string(),

@@ -771,8 +771,17 @@ impl Store {
     }
 
     /// Keep the undo areas of only the newest `keep - 1` rounds of `name`
-    /// (errors are logged: the round is committed by then).
+    /// (errors are logged). Waits for a running round of `name`.
     pub fn prune_old(&self, name: &str) {
+        match self.lock(name) {
+            Ok(_g) => self.prune_locked(name),
+            Err(e) => tracing::warn!(%name, error = %e, "pruning old versions failed"),
+        }
+    }
+
+    /// `prune_old` with the name already locked by the caller (O(changes)
+    /// of the dropped rounds).
+    pub(crate) fn prune_locked(&self, name: &str) {
         let _one = self.pruning.lock().unwrap_or_else(|p| p.into_inner());
         let r = self.tree_dir(name).and_then(|t| self.prune(name, &t));
         if let Err(e) = r {
