@@ -3,6 +3,7 @@
 //! so tests run agents on 127.0.0.x:0 and stop them at will.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -14,7 +15,12 @@ use vsha_proto::v1::JoinRequest;
 use crate::api::cluster::ClusterApi;
 use crate::api::peer::PeerApi;
 use crate::config::AgentConfig;
-use crate::liveness::{self, Liveness};
+use crate::failover::events::EventLog;
+use crate::failover::host::Host;
+use crate::failover::leader::LeaderRuntime;
+use crate::failover::node::NodeRuntime;
+use crate::failover::replication::{replica_dir, Replication};
+use crate::liveness::Liveness;
 use crate::peer_client::{PeerClients, MAX_MESSAGE};
 use crate::raft_loop;
 use crate::raft_node::{CoreConfig, RaftCore, RaftError};
@@ -69,6 +75,48 @@ pub async fn run(
         raft.learn_address(id, &addr);
     }
     let liveness = Liveness::default();
+    let fo = &cfg.failover;
+    let events = Arc::new(EventLog::new(fo.notify_command.clone()));
+    let leader = Arc::new(LeaderRuntime::new(
+        raft.clone(),
+        liveness.clone(),
+        fo.clone(),
+        events,
+    ));
+    let run_dir = cfg.data_dir.join("run");
+    let probe_wait = Duration::from_millis((fo.lease_ms / 5).clamp(50, 500));
+    let host = Host::new(
+        run_dir,
+        fo.vserver_root.clone(),
+        fo.cgroup_parent.clone(),
+        probe_wait,
+    );
+    let guard_exe = std::env::current_exe().map_err(AgentError::Thread)?;
+    let node = Arc::new(NodeRuntime::new(
+        cfg.node_id,
+        cfg.advertise.clone(),
+        raft.clone(),
+        peers.clone(),
+        Arc::clone(&leader),
+        fo.clone(),
+        cfg.heartbeat_interval,
+        host,
+        guard_exe,
+    ));
+    node.start().map_err(AgentError::Thread)?;
+    let store_dir = replica_dir(&fo.vserver_root);
+    std::fs::create_dir_all(&store_dir).map_err(AgentError::Thread)?;
+    let store = vsha_sync::Store::open(&store_dir, 2)
+        .map_err(|e| AgentError::Server(format!("replica store {}: {e}", store_dir.display())))?;
+    let replication = Arc::new(Replication::new(
+        cfg.node_id,
+        raft.clone(),
+        peers.clone(),
+        Arc::clone(&node),
+        Arc::new(store),
+        fo.replication_interval,
+    ));
+    node.set_replication(&replication);
     let me = transport::Me {
         id: cfg.node_id,
         addr: cfg.advertise.clone(),
@@ -79,22 +127,23 @@ pub async fn run(
         me,
         spawned.outgoing,
     ));
-    let heartbeat_task = tokio::spawn(liveness::heartbeat_loop(
-        raft.clone(),
-        peers.clone(),
-        liveness.clone(),
-        cfg.advertise.clone(),
-        cfg.heartbeat_interval,
-    ));
+    let tasks = [
+        tokio::spawn(Arc::clone(&node).renew_loop()),
+        tokio::spawn(Arc::clone(&node).reconcile_loop()),
+        tokio::spawn(Arc::clone(&leader).run(cfg.heartbeat_interval / 2)),
+        tokio::spawn(Arc::clone(&replication).run()),
+    ];
     let cluster = ClusterApi {
         raft: raft.clone(),
         submitter: Submitter::new(raft.clone(), peers.clone()),
-        liveness: liveness.clone(),
+        liveness,
         liveness_timeout: cfg.liveness_timeout,
+        leader: Arc::clone(&leader),
     };
     let peer = PeerApi {
         raft: raft.clone(),
-        liveness,
+        leader,
+        replication,
     };
     tracing::info!(node = cfg.node_id, listen = %cfg.listen, advertise = %cfg.advertise, "vshad serving");
     let server = tonic::transport::Server::builder()
@@ -118,7 +167,9 @@ pub async fn run(
             Err(_) => Err(AgentError::RaftStopped("raft thread vanished".into())),
         }, true),
     };
-    heartbeat_task.abort();
+    for t in &tasks {
+        t.abort();
+    }
     transport_task.abort();
     raft.shutdown();
     if !raft_ended {

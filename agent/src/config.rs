@@ -48,6 +48,20 @@ pub struct FileConfig {
     pub snapshot_interval: Option<u64>,
     pub max_voters: Option<u64>,
     pub log_format: Option<String>,
+    /// Timing profile: "default" or "fast" (see docs/config.md).
+    pub profile: Option<String>,
+    pub lease_ms: Option<u64>,
+    pub drift_margin_ms: Option<u64>,
+    pub max_restarts: Option<u32>,
+    /// Where this node keeps vserver trees (its own and replicas).
+    pub vserver_root: Option<PathBuf>,
+    /// cgroup directory (under the cgroup2 root) holding this node's contexts.
+    pub cgroup_parent: Option<String>,
+    /// Run on every event the leader records: argv.
+    pub notify_command: Option<Vec<String>>,
+    /// "kill" (default): vservers die with the agent; "detach": they keep running.
+    pub on_agent_death: Option<String>,
+    pub replication_interval_ms: Option<u64>,
 }
 
 /// Flags given on the command line; each overrides the file's value.
@@ -86,6 +100,49 @@ pub struct AgentConfig {
     pub snapshot_interval: u64,
     pub max_voters: usize,
     pub log_format: LogFormat,
+    pub failover: FailoverSettings,
+}
+
+/// The timing profiles: what each trades is in docs/config.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    Default,
+    Fast,
+}
+
+impl Profile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Default => "default",
+            Profile::Fast => "fast",
+        }
+    }
+
+    /// (tick_ms, election_ticks, heartbeat_ticks, heartbeat_interval_ms,
+    /// lease_ms, drift_margin_ms)
+    fn timings(self) -> (u64, u64, u64, u64, u64, u64) {
+        match self {
+            Profile::Default => (100, 10, 2, 500, 3000, 500),
+            Profile::Fast => (50, 8, 1, 100, 500, 100),
+        }
+    }
+}
+
+/// Leases, fencing and the vserver runtime of this node.
+#[derive(Debug, Clone)]
+pub struct FailoverSettings {
+    pub profile: Profile,
+    pub lease_ms: u64,
+    pub drift_margin_ms: u64,
+    /// The node stops its vservers this long before its lease ends.
+    pub fence_lead_ms: u64,
+    pub max_restarts: u32,
+    pub vserver_root: PathBuf,
+    pub cgroup_parent: String,
+    pub notify_command: Vec<String>,
+    pub detach_on_agent_death: bool,
+    /// Pause between replication rounds of one vserver to one standby.
+    pub replication_interval: Duration,
 }
 
 impl AgentConfig {
@@ -160,12 +217,23 @@ impl AgentConfig {
                 "give either initial_cluster (a new cluster) or join (an existing one), not both",
             ));
         }
-        let tick_ms = f.tick_ms.unwrap_or(100);
+        let profile = match f.profile.as_deref() {
+            None | Some("default") => Profile::Default,
+            Some("fast") => Profile::Fast,
+            Some(other) => {
+                return Err(field(
+                    "profile",
+                    format!("{other:?} is not \"default\" or \"fast\""),
+                ))
+            }
+        };
+        let (p_tick, p_election, p_hb_ticks, p_hb_ms, p_lease, p_margin) = profile.timings();
+        let tick_ms = f.tick_ms.unwrap_or(p_tick);
         if !(10..=5000).contains(&tick_ms) {
             return Err(field("tick_ms", format!("{tick_ms} is outside 10..=5000")));
         }
-        let election_ticks = f.election_ticks.unwrap_or(10);
-        let heartbeat_ticks = f.heartbeat_ticks.unwrap_or(2);
+        let election_ticks = f.election_ticks.unwrap_or(p_election);
+        let heartbeat_ticks = f.heartbeat_ticks.unwrap_or(p_hb_ticks);
         if heartbeat_ticks == 0 {
             return Err(field("heartbeat_ticks", "must be at least 1"));
         }
@@ -175,7 +243,7 @@ impl AgentConfig {
                 format!("{election_ticks} must be above heartbeat_ticks ({heartbeat_ticks}) and at most 1000"),
             ));
         }
-        let heartbeat_interval_ms = f.heartbeat_interval_ms.unwrap_or(500);
+        let heartbeat_interval_ms = f.heartbeat_interval_ms.unwrap_or(p_hb_ms);
         if !(10..=60_000).contains(&heartbeat_interval_ms) {
             return Err(field(
                 "heartbeat_interval_ms",
@@ -210,6 +278,58 @@ impl AgentConfig {
                 ))
             }
         };
+        let lease_ms = f.lease_ms.unwrap_or(p_lease);
+        if lease_ms < 2 * heartbeat_interval_ms {
+            return Err(field(
+                "lease_ms",
+                format!("{lease_ms} must be at least twice heartbeat_interval_ms ({heartbeat_interval_ms}) so one lost renewal does not fence the node"),
+            ));
+        }
+        let drift_margin_ms = f.drift_margin_ms.unwrap_or(p_margin);
+        if drift_margin_ms * 100 < lease_ms {
+            return Err(field(
+                "drift_margin_ms",
+                format!("{drift_margin_ms} is under 1% of lease_ms ({lease_ms}); monotonic clocks may drift that much"),
+            ));
+        }
+        let max_restarts = f.max_restarts.unwrap_or(3);
+        let vserver_root = f.vserver_root.unwrap_or_else(|| data_dir.join("vservers"));
+        let cgroup_parent = f
+            .cgroup_parent
+            .unwrap_or_else(|| format!("vsha-node{node_id}"));
+        if cgroup_parent.is_empty()
+            || cgroup_parent.starts_with('/')
+            || cgroup_parent
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(field(
+                "cgroup_parent",
+                format!("{cgroup_parent:?} must be a relative path without . or .. components"),
+            ));
+        }
+        let detach_on_agent_death = match f.on_agent_death.as_deref() {
+            None | Some("kill") => false,
+            Some("detach") => true,
+            Some(other) => {
+                return Err(field(
+                    "on_agent_death",
+                    format!("{other:?} is not \"kill\" or \"detach\""),
+                ))
+            }
+        };
+        let failover = FailoverSettings {
+            profile,
+            lease_ms,
+            drift_margin_ms,
+            fence_lead_ms: lease_ms / 4,
+            max_restarts,
+            vserver_root,
+            cgroup_parent,
+            notify_command: f.notify_command.unwrap_or_default(),
+            detach_on_agent_death,
+            replication_interval: Duration::from_millis(f.replication_interval_ms.unwrap_or(1000)),
+        };
         Ok(AgentConfig {
             node_id,
             listen,
@@ -225,6 +345,7 @@ impl AgentConfig {
             snapshot_interval,
             max_voters: max_voters as usize,
             log_format,
+            failover,
         })
     }
 }

@@ -25,6 +25,8 @@ pub struct View {
     pub term: u64,
     pub commit: u64,
     pub applied: u64,
+    /// Term of the last applied entry (see `RaftCore::applied_term`).
+    pub applied_term: u64,
     pub snapshot_index: u64,
     pub voters: BTreeSet<NodeId>,
     pub learners: BTreeSet<NodeId>,
@@ -370,6 +372,7 @@ impl Driver {
             term: self.core.term(),
             commit: self.core.commit_index(),
             applied: self.core.applied_index(),
+            applied_term: self.core.applied_term(),
             snapshot_index: self.core.snapshot_index(),
             voters,
             learners,

@@ -291,6 +291,35 @@ fn linux() -> Result<LinuxSyscall> {
     LinuxSyscall::probe()
 }
 
+/// Starts a vserver from a spec held by the caller (the agent keeps specs
+/// in the replicated state, not in `config_dir`).
+pub fn start_spec(paths: &Paths, spec: &VserverSpec) -> Result<RunState> {
+    start_with(&linux()?, paths, spec)
+}
+
+/// Stops a vserver started with [`start_spec`]; `Ok(false)` when it was not
+/// running. With `hard`, no stop command and no grace period: every process
+/// is killed at once (self-fencing must be quick).
+pub fn stop_spec(paths: &Paths, spec: &VserverSpec, hard: bool) -> Result<bool> {
+    let Some(st) = read_state(paths, &spec.name)? else {
+        return Ok(false);
+    };
+    let mut spec = spec.clone();
+    if hard {
+        spec.stop.clear();
+        spec.stop_timeout = 0;
+    }
+    stop_with(&linux()?, paths, &spec, &st)?;
+    Ok(true)
+}
+
+/// The cgroup v2 directory a vserver's context gets under `parent`, known
+/// before it starts (so a guard can be told before anything runs).
+pub fn cgroup_dir(parent: &str, name: &str) -> Result<PathBuf> {
+    let layout = crate::cgroup::CgroupLayout::probe()?;
+    Ok(crate::cgroup::ContextCgroup::locate(&layout, parent, name).v2)
+}
+
 /// `vsha vserver start NAME`.
 pub fn start(paths: &Paths, name: &str) -> Result<RunState> {
     let spec = VserverSpec::load(&paths.config_dir, name)?;

@@ -1,6 +1,7 @@
 //! The `Cluster` service: the operator's API, served by every agent.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
@@ -12,7 +13,10 @@ use vsha_proto::v1::cluster_server::Cluster;
 use super::convert;
 use super::{state_status, status};
 use crate::command::Command;
+use crate::controller::Event as CtlEvent;
+use crate::failover::leader::LeaderRuntime;
 use crate::liveness::Liveness;
+use crate::model::Desired;
 use crate::model::{AdminState, NodeRecord};
 use crate::peer_client::{endpoint, MAX_MESSAGE};
 use crate::raft_loop::RaftHandle;
@@ -28,12 +32,13 @@ pub struct ClusterApi {
     pub liveness: Liveness,
     /// A node not heard from for longer is shown as unreachable.
     pub liveness_timeout: Duration,
+    pub leader: Arc<LeaderRuntime>,
 }
 
-fn later(what: &str, issue: &str) -> Status {
-    Status::unimplemented(format!(
-        "{what} is not implemented yet (it arrives with {issue})"
-    ))
+/// Where a request that only the leader can serve goes.
+enum Route {
+    Here,
+    Leader(ClusterClient<tonic::transport::Channel>),
 }
 
 impl ClusterApi {
@@ -55,8 +60,93 @@ impl ClusterApi {
     }
 
     fn vserver_infos(&self) -> Vec<pb::VserverInfo> {
-        self.raft
-            .read_state(|s| s.vservers.values().map(convert::vserver_info).collect())
+        let mut infos: Vec<pb::VserverInfo> = self
+            .raft
+            .read_state(|s| s.vservers.values().map(convert::vserver_info).collect());
+        if self.leader.is_leading() {
+            let mut rt = self.leader.runtime_view();
+            for i in &mut infos {
+                let name = i.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default();
+                i.runtime = rt.remove(&name);
+            }
+        }
+        infos
+    }
+
+    /// Requests only the leader's controller can serve are forwarded.
+    async fn route(&self) -> Result<Route, Status> {
+        let view = self.raft.view();
+        if view.is_leader {
+            if !self.leader.is_leading() {
+                return Err(Status::unavailable(
+                    "this node was just elected leader and has not taken over yet; retry in a moment",
+                ));
+            }
+            return Ok(Route::Here);
+        }
+        if view.leader_id == 0 {
+            return Err(Status::unavailable(
+                "no quorum: no leader is elected; a majority of voters must be up and reachable",
+            ));
+        }
+        let addr = self.raft.address_of(view.leader_id).ok_or_else(|| {
+            Status::unavailable(format!(
+                "leader is node {} but its address is not known yet; retry",
+                view.leader_id
+            ))
+        })?;
+        let channel = endpoint(&addr)
+            .map_err(|e| Status::internal(format!("leader address {addr:?}: {e}")))?
+            .connect()
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "leader node {} at {addr} does not answer ({e})",
+                    view.leader_id
+                ))
+            })?;
+        Ok(Route::Leader(
+            ClusterClient::new(channel).max_decoding_message_size(MAX_MESSAGE),
+        ))
+    }
+
+    fn vserver_info(&self, name: &str) -> Result<pb::VserverInfo, Status> {
+        let mut info = self
+            .raft
+            .read_state(|s| s.vserver(name).map(convert::vserver_info))
+            .map_err(state_status)?;
+        if self.leader.is_leading() {
+            info.runtime = self.leader.runtime_view().remove(name);
+        }
+        Ok(info)
+    }
+
+    /// A node id that must name a member able to run vservers.
+    fn target_node(&self, id: u64, field: &str) -> Result<u64, Status> {
+        let id = validate::node_id(id).map_err(|e| state_status(rename(e, field)))?;
+        self.raft.read_state(|s| match s.nodes.get(&id) {
+            None => Err(Status::not_found(format!(
+                "{field}: node {id} is not a member"
+            ))),
+            Some(n) if n.role == crate::model::Role::Witness => Err(Status::failed_precondition(
+                format!("{field}: node {id} is a witness and runs no vservers"),
+            )),
+            Some(_) => Ok(id),
+        })
+    }
+
+    async fn set_desired(
+        &self,
+        req: Request<pb::VserverActionRequest>,
+        desired: Desired,
+    ) -> Result<Response<pb::VserverInfo>, Status> {
+        let name = validate::vserver_name(&req.into_inner().name).map_err(state_status)?;
+        self.submit_and_catch_up(Command::SetDesired {
+            vserver: name.clone(),
+            desired,
+        })
+        .await?;
+        self.vserver_info(&name).map(Response::new)
     }
 
     fn local_status(&self, stale: bool) -> pb::StatusResponse {
@@ -302,45 +392,115 @@ impl Cluster for ClusterApi {
 
     async fn start_vserver(
         &self,
-        _req: Request<pb::VserverActionRequest>,
+        req: Request<pb::VserverActionRequest>,
     ) -> Result<Response<pb::VserverInfo>, Status> {
-        Err(later(
-            "starting a clustered vserver",
-            "the failover work, issue 5",
-        ))
+        self.set_desired(req, Desired::Running).await
     }
 
     async fn stop_vserver(
         &self,
-        _req: Request<pb::VserverActionRequest>,
+        req: Request<pb::VserverActionRequest>,
     ) -> Result<Response<pb::VserverInfo>, Status> {
-        Err(later(
-            "stopping a clustered vserver",
-            "the failover work, issue 5",
-        ))
+        self.set_desired(req, Desired::Stopped).await
     }
 
     async fn migrate(
         &self,
-        _req: Request<pb::MigrateRequest>,
+        req: Request<pb::MigrateRequest>,
     ) -> Result<Response<pb::VserverInfo>, Status> {
-        Err(later("planned migration", "the failover work, issue 5"))
+        if let Route::Leader(mut c) = self.route().await? {
+            return c.migrate(req).await;
+        }
+        let r = req.into_inner();
+        let name = validate::vserver_name(&r.name).map_err(state_status)?;
+        let to = self.target_node(r.to, "to")?;
+        let vs = self
+            .raft
+            .read_state(|s| s.vserver(&name).cloned())
+            .map_err(state_status)?;
+        let Some(p) = vs.placement else {
+            return Err(Status::failed_precondition(format!(
+                "name: {name:?} is not placed anywhere yet; nothing to migrate"
+            )));
+        };
+        if p.node == to {
+            return Err(Status::failed_precondition(format!(
+                "to: {name:?} already runs on node {to}"
+            )));
+        }
+        self.leader.order(CtlEvent::Migrate {
+            vserver: name.clone(),
+            to,
+        });
+        self.vserver_info(&name).map(Response::new)
     }
 
     async fn failover(
         &self,
-        _req: Request<pb::FailoverRequest>,
+        req: Request<pb::FailoverRequest>,
     ) -> Result<Response<pb::VserverInfo>, Status> {
-        Err(later("forced failover", "the failover work, issue 5"))
+        if let Route::Leader(mut c) = self.route().await? {
+            return c.failover(req).await;
+        }
+        let r = req.into_inner();
+        let name = validate::vserver_name(&r.name).map_err(state_status)?;
+        let to = self.target_node(r.to, "to")?;
+        self.raft
+            .read_state(|s| s.vserver(&name).map(|_| ()))
+            .map_err(state_status)?;
+        self.leader.order(CtlEvent::ForceFailover {
+            vserver: name.clone(),
+            to,
+            accept_data_loss: r.accept_data_loss,
+        });
+        self.vserver_info(&name).map(Response::new)
     }
 
     type EventsStream = EventStream;
 
     async fn events(
         &self,
-        _req: Request<pb::EventsRequest>,
+        req: Request<pb::EventsRequest>,
     ) -> Result<Response<Self::EventsStream>, Status> {
-        Err(later("the event stream", "the failover work, issue 5"))
+        let follow = req.get_ref().follow;
+        if let Route::Leader(mut c) = self.route().await? {
+            let upstream = c.events(req).await?.into_inner();
+            return Ok(Response::new(Box::pin(upstream)));
+        }
+        use futures::StreamExt;
+        // Subscribe before reading the ring so nothing falls in between.
+        let rx = self.leader.events.subscribe();
+        let recent = self.leader.events.recent();
+        let last = recent.last().map_or(0, |e| e.seq);
+        let head = futures::stream::iter(recent.into_iter().map(Ok));
+        if !follow {
+            return Ok(Response::new(Box::pin(head)));
+        }
+        let tail = tokio_stream::wrappers::BroadcastStream::new(rx).filter_map(move |r| {
+            futures::future::ready(match r {
+                Ok(ev) if ev.seq > last => Some(Ok(ev)),
+                Ok(_) => None,
+                Err(e) => Some(Err(Status::data_loss(format!(
+                    "event stream fell behind: {e}; reconnect"
+                )))),
+            })
+        });
+        Ok(Response::new(Box::pin(head.chain(tail))))
+    }
+
+    async fn simulate(
+        &self,
+        req: Request<pb::SimulateRequest>,
+    ) -> Result<Response<pb::SimulateResponse>, Status> {
+        if let Route::Leader(mut c) = self.route().await? {
+            return c.simulate(req).await;
+        }
+        let id = validate::node_id(req.into_inner().node_down)
+            .map_err(|e| state_status(rename(e, "node_down")))?;
+        self.raft
+            .read_state(|s| s.node(id).map(|_| ()))
+            .map_err(|e| state_status(rename(e, "node_down")))?;
+        Ok(Response::new(self.leader.simulate_node_down(id)))
     }
 }
 

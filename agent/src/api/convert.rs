@@ -215,6 +215,7 @@ pub fn spec_from_pb(s: Option<pb::VserverSpec>) -> Result<VserverSpec, StateErro
 
 pub fn vserver_info(v: &Vserver) -> pb::VserverInfo {
     pb::VserverInfo {
+        runtime: None,
         spec: Some(spec_to_pb(&v.spec)),
         group: v.group.as_ref().map(group_to_pb),
         placement: v.placement.as_ref().map(|p| pb::Placement {

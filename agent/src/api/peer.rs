@@ -1,5 +1,6 @@
 //! The `Peer` service: what agents say to each other.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::{Request, Response, Status, Streaming};
@@ -7,7 +8,8 @@ use vsha_proto::v1 as pb;
 use vsha_proto::v1::peer_server::Peer;
 
 use crate::command::Command;
-use crate::liveness::Liveness;
+use crate::failover::leader::LeaderRuntime;
+use crate::failover::replication::Replication;
 use crate::raft_loop::RaftHandle;
 use crate::submit::APPLY_WAIT;
 
@@ -16,7 +18,8 @@ const MAX_SNAPSHOT: u64 = 1024 * 1024 * 1024;
 
 pub struct PeerApi {
     pub raft: RaftHandle,
-    pub liveness: Liveness,
+    pub leader: Arc<LeaderRuntime>,
+    pub replication: Arc<Replication>,
 }
 
 #[tonic::async_trait]
@@ -75,19 +78,9 @@ impl Peer for PeerApi {
         &self,
         req: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let hb = req.into_inner();
-        let view = self.raft.view();
-        if view.is_leader {
-            self.liveness.record(hb.node_id, hb.applied_index);
-            self.raft.learn_address(hb.node_id, &hb.addr);
-        }
-        Ok(Response::new(pb::HeartbeatResponse {
-            is_leader: view.is_leader,
-            leader_id: view.leader_id,
-            leader_addr: self.raft.address_of(view.leader_id).unwrap_or_default(),
-            term: view.term,
-            seq: hb.seq,
-        }))
+        Ok(Response::new(
+            self.leader.on_heartbeat(req.into_inner()).await,
+        ))
     }
 
     async fn propose(
@@ -101,6 +94,19 @@ impl Peer for PeerApi {
         Ok(Response::new(pb::ProposeResponse {
             result: result.into(),
         }))
+    }
+
+    type ReplicateStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<pb::ReplicateChunk, Status>> + Send>>;
+
+    async fn replicate(
+        &self,
+        req: Request<Streaming<pb::ReplicateChunk>>,
+    ) -> Result<Response<Self::ReplicateStream>, Status> {
+        let rx = self.replication.accept(req.into_inner()).await?;
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
     async fn join(

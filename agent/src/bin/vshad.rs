@@ -54,6 +54,13 @@ fn init_logging(format: LogFormat) {
 }
 
 fn main() -> ExitCode {
+    // `vshad guard` is the agent's own guard process (started by the agent,
+    // see failover/guard.rs), not a command for operators.
+    if std::env::args().nth(1).as_deref() == Some("guard") {
+        init_logging(LogFormat::Human);
+        vsha_agent::failover::guard::run_guard();
+        return ExitCode::SUCCESS;
+    }
     let args = Args::parse();
     let (path, explicit) = match &args.config {
         Some(p) => (p.clone(), true),

@@ -177,6 +177,11 @@ pub enum Event {
         node: NodeId,
         source_unix_ms: u64,
     },
+    /// `vsha migrate VSERVER --to NODE`: a planned move off a live holder.
+    Migrate {
+        vserver: String,
+        to: NodeId,
+    },
     /// `vsha failover VSERVER --to NODE [--accept-data-loss]`.
     ForceFailover {
         vserver: String,
@@ -200,6 +205,8 @@ pub enum MoveReason {
     Failback,
     /// Restarts in place exhausted.
     Health,
+    /// An operator's planned migration.
+    Migrate,
     /// The holder again, at a new generation: a move was proposed but has
     /// not applied and the holder is back, so the old generation stays
     /// fenced and the proposal still in flight can never apply.
@@ -215,6 +222,7 @@ impl MoveReason {
             MoveReason::Drain => "drain",
             MoveReason::Failback => "failback",
             MoveReason::Health => "health",
+            MoveReason::Migrate => "migrate",
             MoveReason::Replace => "replace",
         }
     }
@@ -223,7 +231,7 @@ impl MoveReason {
     pub fn is_planned(self) -> bool {
         matches!(
             self,
-            MoveReason::Drain | MoveReason::Failback | MoveReason::Health
+            MoveReason::Drain | MoveReason::Failback | MoveReason::Health | MoveReason::Migrate
         )
     }
 }
@@ -415,6 +423,8 @@ pub struct Controller {
     replicas: BTreeMap<(String, NodeId), u64>,
     in_flight: BTreeMap<String, InFlight>,
     forced: BTreeMap<String, Forced>,
+    /// vserver → (target, generation the order was given at).
+    migrations: BTreeMap<String, (NodeId, u64)>,
     /// (vserver, generation) → the step a Start was last sent at.
     started: BTreeMap<(String, u64), u64>,
     /// (vserver, generation) whose sync streams were requested.
@@ -442,6 +452,7 @@ impl Controller {
             replicas: BTreeMap::new(),
             in_flight: BTreeMap::new(),
             forced: BTreeMap::new(),
+            migrations: BTreeMap::new(),
             started: BTreeMap::new(),
             synced: BTreeSet::new(),
             restarted: BTreeSet::new(),
@@ -513,6 +524,15 @@ impl Controller {
                 to,
                 accept_data_loss,
             } => self.force(state, now, vserver, to, accept_data_loss),
+            Event::Migrate { vserver, to } => {
+                if let Some(p) = state
+                    .vservers
+                    .get(&vserver)
+                    .and_then(|v| v.placement.as_ref())
+                {
+                    self.migrations.insert(vserver, (to, p.generation));
+                }
+            }
         }
     }
 
@@ -527,6 +547,7 @@ impl Controller {
         self.leases.clear();
         self.in_flight.clear();
         self.forced.clear();
+        self.migrations.clear();
         self.started.clear();
         self.synced.clear();
         self.restarted.clear();
@@ -600,8 +621,18 @@ impl Controller {
         Ok(())
     }
 
+    /// When this leader last heard a renewal from `node` (its monotonic ms).
+    pub fn last_renewal_ms(&self, node: NodeId) -> Option<u64> {
+        self.leases.get(&node).map(|l| l.last_ms)
+    }
+
+    /// Since when this node leads (monotonic ms).
+    pub fn leader_since_ms(&self) -> Option<u64> {
+        self.leader_since
+    }
+
     /// The newest complete replica of `vs` on `node`, as a source wall time.
-    fn replica_source(&self, name: &str, vs: &Vserver, node: NodeId) -> Option<u64> {
+    pub fn replica_source(&self, name: &str, vs: &Vserver, node: NodeId) -> Option<u64> {
         let observed = self.replicas.get(&(name.to_string(), node)).copied();
         let recorded = vs.replicas.get(&node).map(|r| r.snapshot_source_unix_ms);
         observed.max(recorded)
@@ -776,6 +807,13 @@ impl Controller {
             .is_some_and(|f| f.generation != generation)
         {
             self.forced.remove(name);
+        }
+        if self
+            .migrations
+            .get(name)
+            .is_some_and(|&(_, g)| g != generation)
+        {
+            self.migrations.remove(name);
         }
         self.stop_strays(name, vs, generation);
 
@@ -1005,6 +1043,12 @@ impl Controller {
                 MoveReason::Health,
                 self.planned_target(state, vs, holder, now),
             ));
+        }
+        if let Some(&(to, g)) = self.migrations.get(name) {
+            if g == generation && to != holder {
+                let target = self.can_host(state, to, now).map(|()| to);
+                return Some((MoveReason::Migrate, target));
+            }
         }
         if state.admin(holder) == Some(AdminState::Draining) {
             return Some((

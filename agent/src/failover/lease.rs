@@ -53,6 +53,12 @@ impl NodeLease {
         })
     }
 
+    /// When the node must have stopped everything (for the guard).
+    pub fn fence_at_ms(&self) -> Option<u64> {
+        self.valid_until_ms
+            .map(|u| u.saturating_sub(self.fence_lead_ms))
+    }
+
     pub fn lease_ms(&self) -> u64 {
         self.lease_ms
     }

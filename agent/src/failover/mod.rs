@@ -2,5 +2,12 @@
 //! node follows, and the runtimes that drive the pure controller
 //! ([`crate::controller`]) and the node's vservers.
 
+pub mod clock;
+pub mod events;
+pub mod guard;
+pub mod host;
+pub mod leader;
 pub mod lease;
+pub mod node;
 pub mod node_plan;
+pub mod replication;

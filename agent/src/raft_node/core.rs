@@ -97,6 +97,10 @@ pub struct RaftCore {
     storage: DiskStorage,
     state: Arc<RwLock<ClusterState>>,
     applied: u64,
+    /// Term of the last applied entry: a leader whose own term equals it
+    /// has applied its first entry, so no earlier leader's proposal can
+    /// still apply.
+    applied_term: u64,
     snapshot_index: u64,
     /// The term in which this node last proposed Bootstrap, so it does so once.
     bootstrap_term: u64,
@@ -159,6 +163,7 @@ impl RaftCore {
             storage,
             state: Arc::new(RwLock::new(state)),
             applied: snapshot_index,
+            applied_term: 0,
             snapshot_index,
             bootstrap_term: 0,
             fresh,
@@ -198,6 +203,10 @@ impl RaftCore {
 
     pub fn commit_index(&self) -> u64 {
         self.node.raft.raft_log.committed
+    }
+
+    pub fn applied_term(&self) -> u64 {
+        self.applied_term
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -452,6 +461,7 @@ impl RaftCore {
         let index = snap.get_metadata().index;
         *self.state.write().unwrap_or_else(|e| e.into_inner()) = state;
         self.applied = index;
+        self.applied_term = snap.get_metadata().term;
         self.snapshot_index = index;
         tracing::info!(index, "installed snapshot from the leader");
         Ok(())
@@ -481,6 +491,7 @@ impl RaftCore {
                 }
             }
             self.applied = entry.index;
+            self.applied_term = entry.term;
         }
         Ok(())
     }

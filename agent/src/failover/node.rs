@@ -1,0 +1,656 @@
+//! The node's half of failover: renews the lease with the leader (its
+//! heartbeat also carries what the node runs and the events it saw), keeps
+//! the guard's deadline current, and runs [`node_plan::plan`] against the
+//! applied state, carrying out its actions through [`Host`].
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use vsha_kernel::config::VserverSpec as KernelSpec;
+use vsha_proto::v1 as pb;
+
+use crate::config::FailoverSettings;
+use crate::model::NodeId;
+use crate::peer_client::PeerClients;
+use crate::raft_loop::RaftHandle;
+
+use super::clock::mono_ms;
+use super::events::EventLog;
+use super::guard::{GuardHandle, GuardMsg};
+use super::host::{Host, HostError};
+use super::leader::LeaderRuntime;
+use super::lease::NodeLease;
+use super::node_plan::{self, Action, LocalState, LocalVserver, Order, OrderAction, StopWhy};
+
+/// Orders wait this long for the applied state to reach their generation.
+const ORDER_TTL_MS: u64 = 10_000;
+/// Events kept for the leader while it cannot be reached.
+const MAX_PENDING_EVENTS: usize = 500;
+
+struct Shared {
+    lease: NodeLease,
+    local: BTreeMap<String, LocalVserver>,
+    /// The spec each local vserver was started with (to stop it even after
+    /// it left the replicated state).
+    specs: BTreeMap<String, KernelSpec>,
+    orders: Vec<Order>,
+    events: Vec<pb::Event>,
+    replicas: BTreeMap<(String, NodeId), pb::ReplicaReport>,
+    /// Final syncs the leader asked for: (vserver, generation, standby).
+    final_syncs: Vec<(String, u64, NodeId)>,
+}
+
+/// What survives an agent restart (for the `detach` policy, and so a
+/// restarted agent reports its vservers at the right generation).
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Persisted {
+    generations: BTreeMap<String, u64>,
+}
+
+pub struct NodeRuntime {
+    me: NodeId,
+    advertise: String,
+    raft: RaftHandle,
+    peers: PeerClients,
+    leader: Arc<LeaderRuntime>,
+    settings: FailoverSettings,
+    heartbeat: Duration,
+    pub host: Host,
+    shared: Mutex<Shared>,
+    guard: Mutex<Option<GuardHandle>>,
+    guard_exe: PathBuf,
+    wake: Notify,
+    /// Set once replication exists (it holds this runtime too).
+    replication: std::sync::OnceLock<std::sync::Weak<super::replication::Replication>>,
+}
+
+impl NodeRuntime {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        me: NodeId,
+        advertise: String,
+        raft: RaftHandle,
+        peers: PeerClients,
+        leader: Arc<LeaderRuntime>,
+        settings: FailoverSettings,
+        heartbeat: Duration,
+        host: Host,
+        guard_exe: PathBuf,
+    ) -> Self {
+        let lease = NodeLease::new(settings.lease_ms, settings.fence_lead_ms);
+        NodeRuntime {
+            me,
+            advertise,
+            raft,
+            peers,
+            leader,
+            settings,
+            heartbeat,
+            host,
+            shared: Mutex::new(Shared {
+                lease,
+                local: BTreeMap::new(),
+                specs: BTreeMap::new(),
+                orders: Vec::new(),
+                events: Vec::new(),
+                replicas: BTreeMap::new(),
+                final_syncs: Vec::new(),
+            }),
+            guard: Mutex::new(None),
+            guard_exe,
+            wake: Notify::new(),
+            replication: std::sync::OnceLock::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn persist_path(&self) -> PathBuf {
+        self.host.paths.run_dir.join("node-vservers.json")
+    }
+
+    /// Starts the guard and takes over vservers a previous incarnation
+    /// left running (only possible with the `detach` policy).
+    pub fn start(&self) -> std::io::Result<()> {
+        std::fs::create_dir_all(&self.host.paths.run_dir)?;
+        self.ensure_guard();
+        let persisted: Persisted = std::fs::read(self.persist_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let specs = self.raft.read_state(|s| {
+            s.vservers
+                .values()
+                .map(|v| {
+                    (
+                        v.spec.name.clone(),
+                        self.host.kernel_spec(&v.spec, s.nodes.get(&self.me)),
+                    )
+                })
+                .collect::<Vec<_>>()
+        });
+        let mut sh = self.lock();
+        for (name, k) in specs {
+            if self.host.running(&name) {
+                let generation = persisted.generations.get(&name).copied().unwrap_or(0);
+                tracing::warn!(vserver = %name, generation, "found running from a previous agent; adopting it");
+                sh.local.insert(
+                    name.clone(),
+                    LocalVserver {
+                        generation,
+                        state: LocalState::Running,
+                        restarts: 0,
+                    },
+                );
+                sh.specs.insert(name, k);
+            }
+        }
+        drop(sh);
+        // Adopted copies are under the guard from now on (it kills them at
+        // once: no lease is held yet, and none may run without one).
+        self.guard_hold_all();
+        Ok(())
+    }
+
+    fn ensure_guard(&self) -> bool {
+        let mut g = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = g.as_mut() {
+            if h.alive() {
+                return true;
+            }
+            tracing::error!("the guard process died; restarting it");
+        }
+        match GuardHandle::spawn(&self.guard_exe) {
+            Ok(mut h) => {
+                if self.settings.detach_on_agent_death {
+                    let _ = h.send(&GuardMsg::Detach);
+                }
+                *g = Some(h);
+                true
+            }
+            Err(e) => {
+                tracing::error!(error = %e, exe = %self.guard_exe.display(), "cannot start the guard; this node runs no vservers");
+                *g = None;
+                false
+            }
+        }
+    }
+
+    fn guard_send(&self, msg: &GuardMsg) -> bool {
+        let mut g = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+        match g.as_mut().map(|h| h.send(msg)) {
+            Some(Ok(())) => true,
+            Some(Err(e)) => {
+                tracing::error!(error = %e, "guard pipe broken");
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn guard_hold_all(&self) {
+        let (deadline, held) = {
+            let sh = self.lock();
+            let d = sh.lease.fence_at_ms().unwrap_or(0);
+            let held: Vec<(String, KernelSpec)> = sh
+                .specs
+                .iter()
+                .filter(|(n, _)| sh.local.get(*n).is_some_and(|l| l.may_have_processes()))
+                .map(|(n, k)| (n.clone(), k.clone()))
+                .collect();
+            (d, held)
+        };
+        self.guard_send(&GuardMsg::Deadline(deadline));
+        for (name, k) in held {
+            if let Ok(h) = self.host.held(&k) {
+                self.guard_send(&GuardMsg::Hold(name, h));
+            }
+        }
+    }
+
+    fn event(&self, kind: &str, vserver: &str, message: impl Into<String>) {
+        self.push_event(EventLog::event(kind, vserver, self.me, message));
+    }
+
+    /// Queues an event for the leader's log (sent with the next renewal).
+    fn push_event(&self, ev: pb::Event) {
+        tracing::info!(kind = %ev.kind, vserver = %ev.vserver, message = %ev.message, "node event");
+        let mut sh = self.lock();
+        if sh.events.len() >= MAX_PENDING_EVENTS {
+            sh.events.remove(0);
+        }
+        sh.events.push(ev);
+    }
+
+    pub fn set_replication(&self, r: &Arc<super::replication::Replication>) {
+        let _ = self.replication.set(Arc::downgrade(r));
+    }
+
+    /// Processes of `name` may run here.
+    pub fn runs(&self, name: &str) -> bool {
+        self.lock()
+            .local
+            .get(name)
+            .is_some_and(|l| l.may_have_processes())
+    }
+
+    pub fn record_replica(&self, r: pb::ReplicaReport) {
+        let mut sh = self.lock();
+        sh.replicas.insert((r.vserver.clone(), r.node), r);
+    }
+
+    pub fn take_final_syncs(&self) -> Vec<(String, u64, NodeId)> {
+        std::mem::take(&mut self.lock().final_syncs)
+    }
+
+    /// The vservers this node runs as holder right now, with generation.
+    pub fn running_here(&self) -> Vec<(String, u64)> {
+        self.lock()
+            .local
+            .iter()
+            .filter(|(_, l)| l.state == LocalState::Running)
+            .map(|(n, l)| (n.clone(), l.generation))
+            .collect()
+    }
+
+    pub fn lease_ms_left(&self) -> u64 {
+        self.lock().lease.remaining_ms(mono_ms())
+    }
+
+    fn reports(sh: &Shared) -> Vec<pb::VserverReport> {
+        sh.local
+            .iter()
+            .map(|(name, l)| {
+                let (state, reason) = match &l.state {
+                    LocalState::Running => ("running", String::new()),
+                    LocalState::Stopped => ("stopped", String::new()),
+                    LocalState::Failed { reason } => ("failed", reason.clone()),
+                };
+                pb::VserverReport {
+                    vserver: name.clone(),
+                    generation: l.generation,
+                    state: state.into(),
+                    reason,
+                    restarts: l.restarts,
+                }
+            })
+            .collect()
+    }
+
+    /// Renews the lease every heartbeat interval until dropped.
+    pub async fn renew_loop(self: Arc<Self>) {
+        let mut seq = 0u64;
+        let mut in_flight: Option<tokio::task::JoinHandle<()>> = None;
+        let mut ticker = tokio::time::interval(self.heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if in_flight.as_ref().is_some_and(|h| !h.is_finished()) {
+                continue;
+            }
+            let view = self.raft.view();
+            if view.leader_id == 0 {
+                continue;
+            }
+            seq += 1;
+            let (reports, replicas, events) = {
+                let mut sh = self.lock();
+                let reports = Self::reports(&sh);
+                let replicas: Vec<pb::ReplicaReport> = sh.replicas.values().cloned().collect();
+                (reports, replicas, std::mem::take(&mut sh.events))
+            };
+            let req = pb::HeartbeatRequest {
+                node_id: self.me,
+                addr: self.advertise.clone(),
+                applied_index: view.applied,
+                seq,
+                reports,
+                replicas,
+                events,
+            };
+            let me = Arc::clone(&self);
+            let leader_addr = self.raft.address_of(view.leader_id);
+            in_flight = Some(tokio::spawn(async move {
+                let sent = mono_ms();
+                let events = req.events.clone();
+                let resp = if view.is_leader {
+                    Some(me.leader.on_heartbeat(req).await)
+                } else {
+                    me.send_heartbeat(leader_addr, req).await
+                };
+                match resp {
+                    Some(r) if r.lease_granted => me.renewed(sent, r),
+                    _ => {
+                        // Keep the events for the next leader that answers.
+                        let mut sh = me.lock();
+                        let mut back = events;
+                        back.append(&mut sh.events);
+                        back.truncate(MAX_PENDING_EVENTS);
+                        sh.events = back;
+                    }
+                }
+            }));
+        }
+    }
+
+    async fn send_heartbeat(
+        &self,
+        addr: Option<String>,
+        req: pb::HeartbeatRequest,
+    ) -> Option<pb::HeartbeatResponse> {
+        let addr = addr?;
+        let mut client = self.peers.client(&addr).ok()?;
+        // An answer later than this is useless for a lease anyway.
+        let wait = Duration::from_millis(self.settings.lease_ms / 2).max(self.heartbeat);
+        let mut r = tonic::Request::new(req);
+        r.set_timeout(wait);
+        match crate::peer_client::within(wait, client.heartbeat(r)).await {
+            Ok(resp) => Some(resp.into_inner()),
+            Err(e) => {
+                tracing::debug!(error = %e.message(), "lease renewal not delivered");
+                None
+            }
+        }
+    }
+
+    fn renewed(&self, sent: u64, r: pb::HeartbeatResponse) {
+        let now = mono_ms();
+        let deadline = {
+            let mut sh = self.lock();
+            let had = sh.lease.may_run(now);
+            sh.lease.renewed(sent, r.lease_ms);
+            for o in r.orders {
+                if let Some(to) = o.action.strip_prefix("final-sync:") {
+                    if let Ok(to) = to.parse() {
+                        sh.final_syncs.push((o.vserver, o.generation, to));
+                    }
+                    continue;
+                }
+                let action = match o.action.as_str() {
+                    "start" => OrderAction::Start,
+                    "stop" => OrderAction::Stop,
+                    "restart" => OrderAction::Restart,
+                    other => {
+                        tracing::warn!(action = other, "unknown order from the leader");
+                        continue;
+                    }
+                };
+                sh.orders.push(Order {
+                    action,
+                    vserver: o.vserver,
+                    generation: o.generation,
+                    received_ms: now,
+                });
+            }
+            if !had {
+                tracing::info!(lease_ms = sh.lease.lease_ms(), "lease granted");
+            }
+            sh.lease.fence_at_ms().unwrap_or(0)
+        };
+        self.guard_send(&GuardMsg::Deadline(deadline));
+        self.wake.notify_one();
+    }
+
+    /// Plans and acts until dropped.
+    pub async fn reconcile_loop(self: Arc<Self>) {
+        let poll =
+            (self.heartbeat / 2).clamp(Duration::from_millis(20), Duration::from_millis(100));
+        let mut last_health = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            if !self.ensure_guard() {
+                // Without a guard nothing may run: the lease is dropped so
+                // the plan stops everything.
+                self.lock().lease.drop_lease();
+            }
+            if last_health.elapsed() >= self.heartbeat {
+                last_health = tokio::time::Instant::now();
+                self.check_health().await;
+            }
+            let plan = {
+                let mut sh = self.lock();
+                let orders = std::mem::take(&mut sh.orders);
+                let now = mono_ms();
+                let p = self.raft.read_state(|s| {
+                    node_plan::plan(self.me, now, &sh.lease, s, &sh.local, orders, ORDER_TTL_MS)
+                });
+                sh.orders = p.waiting.clone();
+                p
+            };
+            for action in plan.actions {
+                if let Action::Start { vserver, .. } | Action::Restart { vserver, .. } = &action {
+                    // Never run a tree a round is still being written into.
+                    let repl = self.replication.get().and_then(|w| w.upgrade());
+                    if let Some(r) = repl {
+                        r.stop_receiving(vserver).await;
+                    }
+                }
+                let me = Arc::clone(&self);
+                let r = tokio::task::spawn_blocking(move || me.act(action)).await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "vserver action panicked");
+                }
+            }
+        }
+    }
+
+    /// Marks vservers whose init died as failed (the leader decides about
+    /// restarts and moves).
+    async fn check_health(self: &Arc<Self>) {
+        let names: Vec<String> = self
+            .lock()
+            .local
+            .iter()
+            .filter(|(_, l)| l.state == LocalState::Running)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let me = Arc::clone(self);
+            let n = name.clone();
+            let up = tokio::task::spawn_blocking(move || me.host.running(&n))
+                .await
+                .unwrap_or(false);
+            if !up {
+                let reason = "its init exited".to_string();
+                {
+                    let mut sh = self.lock();
+                    if let Some(l) = sh.local.get_mut(&name) {
+                        l.state = LocalState::Failed {
+                            reason: reason.clone(),
+                        };
+                    }
+                }
+                self.event("health_failed", &name, reason);
+            }
+        }
+    }
+
+    fn spec_for(&self, name: &str) -> Option<KernelSpec> {
+        let from_state = self.raft.read_state(|s| {
+            s.vservers
+                .get(name)
+                .map(|v| self.host.kernel_spec(&v.spec, s.nodes.get(&self.me)))
+        });
+        from_state.or_else(|| self.lock().specs.get(name).cloned())
+    }
+
+    fn act(&self, action: Action) {
+        match action {
+            Action::Adopt {
+                vserver,
+                generation,
+            } => {
+                let mut sh = self.lock();
+                if let Some(l) = sh.local.get_mut(&vserver) {
+                    l.generation = generation;
+                }
+                drop(sh);
+                self.persist();
+            }
+            Action::Start {
+                vserver,
+                generation,
+            } => self.do_start(&vserver, generation, false),
+            Action::Restart {
+                vserver,
+                generation,
+            } => {
+                self.do_stop(&vserver, StopWhy::Ordered, false);
+                self.do_start(&vserver, generation, true);
+            }
+            Action::Stop { vserver, why } => self.do_stop(&vserver, why, true),
+        }
+    }
+
+    fn do_start(&self, name: &str, generation: u64, restart: bool) {
+        let Some(k) = self.spec_for(name) else {
+            return;
+        };
+        // The lease may have lapsed while this action waited.
+        if !self.lock().lease.may_run(mono_ms()) {
+            return;
+        }
+        let held = match self.host.held(&k) {
+            Ok(h) => h,
+            Err(e) => {
+                self.failed(name, generation, e.to_string());
+                return;
+            }
+        };
+        if !self.guard_send(&GuardMsg::Hold(name.to_string(), held)) {
+            self.failed(name, generation, "the guard is not running".into());
+            return;
+        }
+        match self.host.start(&k) {
+            Ok(t) => {
+                let mut sh = self.lock();
+                let prev = sh.local.get(name).cloned();
+                let restarts = match prev {
+                    Some(p) if p.generation == generation => p.restarts + u32::from(restart),
+                    _ => 0,
+                };
+                sh.local.insert(
+                    name.to_string(),
+                    LocalVserver {
+                        generation,
+                        state: LocalState::Running,
+                        restarts,
+                    },
+                );
+                sh.specs.insert(name.to_string(), k);
+                drop(sh);
+                self.persist();
+                let mut ev = EventLog::event(
+                    if restart { "restarted" } else { "started" },
+                    name,
+                    self.me,
+                    format!("{name} runs on node {} at generation {generation}", self.me),
+                );
+                ev.phases = vec![
+                    pb::Phase {
+                        name: "arp probe".into(),
+                        ms: t.probe.as_millis() as u64,
+                    },
+                    pb::Phase {
+                        name: "start".into(),
+                        ms: t.start.as_millis() as u64,
+                    },
+                ];
+                self.push_event(ev);
+            }
+            Err(e) => {
+                self.guard_send(&GuardMsg::Release(name.to_string()));
+                let kind = if matches!(e, HostError::IpInUse { .. }) {
+                    "takeover_refused"
+                } else {
+                    "start_failed"
+                };
+                self.event(kind, name, e.to_string());
+                self.failed(name, generation, e.to_string());
+            }
+        }
+    }
+
+    fn failed(&self, name: &str, generation: u64, reason: String) {
+        let mut sh = self.lock();
+        let restarts = sh
+            .local
+            .get(name)
+            .filter(|l| l.generation == generation)
+            .map_or(0, |l| l.restarts);
+        sh.local.insert(
+            name.to_string(),
+            LocalVserver {
+                generation,
+                state: LocalState::Failed { reason },
+                restarts,
+            },
+        );
+    }
+
+    fn do_stop(&self, name: &str, why: StopWhy, record: bool) {
+        let Some(k) = self
+            .lock()
+            .specs
+            .get(name)
+            .cloned()
+            .or_else(|| self.spec_for(name))
+        else {
+            return;
+        };
+        let r = self.host.stop(&k, why.is_hard());
+        if let Err(e) = &r {
+            tracing::error!(vserver = name, error = %e, "stop failed");
+            if why == StopWhy::SelfFence {
+                // The guard fences on its own at the deadline.
+                return;
+            }
+        }
+        self.guard_send(&GuardMsg::Release(name.to_string()));
+        {
+            let mut sh = self.lock();
+            if let Some(l) = sh.local.get_mut(name) {
+                l.state = LocalState::Stopped;
+            }
+        }
+        self.persist();
+        if record {
+            let kind = if why == StopWhy::SelfFence {
+                "self_fenced"
+            } else {
+                "stopped"
+            };
+            self.event(
+                kind,
+                name,
+                format!("{name} stopped on node {}: {}", self.me, why.as_str()),
+            );
+        }
+    }
+
+    fn persist(&self) {
+        let p = Persisted {
+            generations: self
+                .lock()
+                .local
+                .iter()
+                .map(|(n, l)| (n.clone(), l.generation))
+                .collect(),
+        };
+        if let Ok(b) = serde_json::to_vec(&p) {
+            let tmp = self.persist_path().with_extension("tmp");
+            if std::fs::write(&tmp, b).is_ok() {
+                let _ = std::fs::rename(&tmp, self.persist_path());
+            }
+        }
+    }
+}

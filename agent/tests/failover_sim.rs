@@ -1,0 +1,160 @@
+//! Seeded deterministic simulation of a vsha cluster of 3 to 7 nodes (some
+//! witnesses) running several vservers with failover groups, driving the
+//! real failover code: the leader's `Controller`, each node's
+//! `node_plan::plan` and `NodeLease`, and `ClusterState::apply` with
+//! its compare-and-set placements. Time and network are simulated; faults
+//! are drawn from the seed: agent crash and restart, agent pause (SIGSTOP)
+//! shorter or longer than the lease, whole-node death and return,
+//! partitions (leader isolated, minority, arbitrary splits), message loss
+//! and delay spikes (reordering), clock drift, failing health checks,
+//! operator drains.
+//!
+//! Invariants, checked after every event (the world only changes at
+//! events, so this is every instant of global time):
+//! - `never_two_running`: no two nodes run a copy of one vserver;
+//! - `fence_before_restart_elsewhere`: a node starts a copy only once every
+//!   other node's processes of it are gone;
+//! - `one_owner_per_ip`: no two nodes hold one vserver's IP;
+//! - `generations_grow`: a node never starts (restarts, adopts) a vserver
+//!   at a generation lower than one it has applied;
+//! - `recovers_after_heal`: once every fault has healed, every vserver runs,
+//!   healthy, on exactly one node within `recovery_bound_ms`, and stays so.
+//!
+//! A failure prints the seed, the invariant and the tail of the trace;
+//! rerun one seed with `VSHA_SIM_SEED=N`, run more with `VSHA_SIM_SEEDS=N`.
+//!
+//! # Model and its assumptions
+//!
+//! - **Raft is an oracle** (`raft.rs`): one committed log, a term and its
+//!   leader. A leader is healthy while its agent runs and it reaches a
+//!   majority of voters (witnesses vote) whose agents run. After the leader
+//!   has been unhealthy for an election timeout (plus jitter), a running
+//!   voter that reaches a majority is elected; the voters it reaches learn
+//!   the new term. Entries the old leader had not committed are kept (a
+//!   random prefix, committed by the new leader before its own entry) or
+//!   lost, as in raft. The new leader's own-term entry commits a round
+//!   trip later; only then is `BecameLeader` fed and has it applied the
+//!   whole log. A proposal is accepted only from the leader of the current
+//!   term and commits after a round trip while that leader stays healthy.
+//!   A node that believes it leads an older term keeps believing so until
+//!   it reaches a node that knows a newer term, hears an append of one, or
+//!   has not reached a majority for an election timeout (check_quorum),
+//!   counted only while its agent runs. Followers apply the committed log
+//!   when an append (every `append_ms`, lossy, delayed) reaches them, so
+//!   they lag. The raft log is durable: a restarted agent keeps what it had
+//!   applied. Partitions are symmetric, by sides.
+//! - **Leases** (`world.rs`): every agent sends a renewal to the leader it
+//!   knows every `heartbeat_ms` of its own clock, timed from the send,
+//!   carrying its reports. The leader grants it only if it is, at
+//!   reception, the ready leader of the current term and reaches a majority
+//!   (an instantaneous stand-in for a read-index round); it then feeds
+//!   `LeaseRenewed` and the reports to its controller at its own clock and
+//!   answers with `granted_ms = lease_ms` and the orders queued for that
+//!   node. Renewals and answers can be lost, delayed past a lease, and
+//!   reordered.
+//! - **Reports** (a runtime contract assumed here): a renewal reports every
+//!   local copy, plus `Stopped` at the placement's generation for a
+//!   vserver placed on the node that does not run there, so a lost `Start`
+//!   is sent again.
+//! - **Nodes** run `plan` every heartbeat and right after an answer, on
+//!   what really exists (the supervisor's view). Start = IP up and
+//!   processes running at once (the ARP probe is abstracted away); a hard
+//!   stop (self-fence, guard, not placed here) takes at most `kill_ms`, a
+//!   graceful one up to `graceful_ms`; processes and IP go together.
+//! - **Guard**: holds the lease deadline of the last answer and hard-kills
+//!   every copy on the node at `deadline - fence_lead` (node clock), even
+//!   while the agent is paused; when the agent dies it kills everything at
+//!   once. Whole-node death takes agent, guard and copies at once; a
+//!   rebooted node has a new monotonic clock and no lease.
+//! - **Clocks**: each node's monotonic clock runs at 1 ± ρ, ρ up to 5 %
+//!   (`Timing::max_drift_ppm`, far beyond real crystals), with its own
+//!   offset; `Timing::margin_covers_drift` shows the drift margin covers it.
+//! - **Replication** is not simulated: every group member holds a complete
+//!   replica and `max_rpo` is 0, so any live member is eligible.
+//! - Witnesses run an agent (and may lead) but never vservers.
+
+use std::time::Instant;
+
+mod failover_sim {
+    pub mod checks;
+    pub mod clock;
+    pub mod config;
+    pub mod faults;
+    pub mod net;
+    pub mod node;
+    pub mod raft;
+    pub mod world;
+}
+
+use failover_sim::checks;
+use failover_sim::config::{Faults, Timing};
+use failover_sim::world::{Failure, Sim, Stats};
+
+fn seeds(default: u64, base: u64) -> Vec<u64> {
+    if let Ok(s) = std::env::var("VSHA_SIM_SEED") {
+        return vec![s.parse().expect("VSHA_SIM_SEED must be a number")];
+    }
+    let count = std::env::var("VSHA_SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    (base + 1..=base + count).collect()
+}
+
+fn run(seed: u64, t: Timing, f: Faults) -> Result<Stats, Box<Failure>> {
+    Sim::new(seed, t, f).run()
+}
+
+#[test]
+fn failover_is_safe_and_recovers_under_faults() {
+    let t = Timing::default();
+    assert!(t.margin_covers_drift(), "{t:?}");
+    let started = Instant::now();
+    let seeds = seeds(24, 0);
+    let many = seeds.len() > 1;
+    let mut total = Stats::default();
+    for seed in seeds {
+        match run(seed, t, Faults::default()) {
+            Ok(s) => total.add(&s),
+            Err(f) => panic!("{f}"),
+        }
+    }
+    eprintln!("failover_sim: {total:?} in {:?}", started.elapsed());
+    if many {
+        for kind in [
+            "agent crash",
+            "pause",
+            "node death",
+            "partition",
+            "lossy network",
+        ] {
+            assert!(
+                total.faults.get(kind).copied().unwrap_or(0) > 0,
+                "no {kind} was ever simulated: {total:?}"
+            );
+        }
+        assert!(
+            total.moves.get("failover").copied().unwrap_or(0) > 0,
+            "no failover ever happened: {total:?}"
+        );
+        assert!(total.guard_kills + total.self_fences > 0, "{total:?}");
+    }
+}
+
+/// The checker can fail: nodes that ignore their lease (no self-fencing, no
+/// guard) keep running behind a partition while the vserver fails over.
+#[test]
+fn nodes_ignoring_the_lease_are_caught() {
+    let f = Faults {
+        ignore_lease: true,
+        ..Faults::default()
+    };
+    let caught = (1..=10)
+        .filter_map(|seed| run(seed, Timing::default(), f).err())
+        .filter(|e| e.all.contains(&checks::NEVER_TWO_RUNNING))
+        .count();
+    assert!(
+        caught >= 5,
+        "only {caught} of 10 broken runs were caught by never_two_running"
+    );
+}
