@@ -88,6 +88,15 @@ impl Raft {
         true
     }
 
+    /// The leader's agent died or stepped down: it leads no more, and an
+    /// election follows after the timeout.
+    pub fn leader_gone(&mut self, id: NodeId) {
+        if self.leader == Some(id) {
+            self.leader = None;
+            self.ready = false;
+        }
+    }
+
     pub fn tick(
         &mut self,
         now: u64,

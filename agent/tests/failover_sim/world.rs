@@ -865,8 +865,11 @@ impl Sim {
 
     fn step_down(&mut self, id: NodeId, why: &str) {
         let n = self.nodes.get_mut(&id).expect("node");
-        if n.leader_term.take().is_none() {
+        let Some(term) = n.leader_term.take() else {
             return;
+        };
+        if term == self.raft.term {
+            self.raft.leader_gone(id);
         }
         n.quorum_lost_since = None;
         n.outbox.clear();
@@ -1084,6 +1087,7 @@ impl Sim {
                     n.held.clear();
                     n.leader_term = None;
                     n.ctl_leader = false;
+                    self.raft.leader_gone(id);
                     self.fault_count("node death");
                     self.log(format!("FAULT n{id} node dies (agent, guard and vservers)"));
                 }
@@ -1161,6 +1165,7 @@ impl Sim {
         n.leader_term = None;
         n.ctl_leader = false;
         n.guard_kill_at = None;
+        self.raft.leader_gone(id);
         self.fault_count("agent crash");
         self.log(format!(
             "FAULT n{id} agent crashes; the guard kills its vservers"
