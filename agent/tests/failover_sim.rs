@@ -87,7 +87,7 @@ mod failover_sim {
 }
 
 use failover_sim::checks;
-use failover_sim::config::{Faults, Timing};
+use failover_sim::config::{Contract, Faults, Timing};
 use failover_sim::world::{Failure, Sim, Stats};
 
 fn seeds(default: u64, base: u64) -> Vec<u64> {
@@ -101,33 +101,27 @@ fn seeds(default: u64, base: u64) -> Vec<u64> {
     (base + 1..=base + count).collect()
 }
 
-fn run(seed: u64, t: Timing, f: Faults) -> Result<Stats, Box<Failure>> {
-    Sim::new(seed, t, f).run()
+fn run(seed: u64, t: Timing, f: Faults, c: Contract) -> Result<Stats, Box<Failure>> {
+    Sim::new(seed, t, f, c).run()
 }
 
-#[test]
-fn failover_is_safe_and_recovers_under_faults() {
+/// Runs `seeds`, panics with the first failure, and checks the runs
+/// exercised what they should.
+fn run_all(seeds: Vec<u64>, f: Faults, c: Contract) {
     let t = Timing::default();
     assert!(t.margin_covers_drift(), "{t:?}");
     let started = Instant::now();
-    let seeds = seeds(24, 0);
     let many = seeds.len() > 1;
     let mut total = Stats::default();
     for seed in seeds {
-        match run(seed, t, Faults::default()) {
+        match run(seed, t, f, c) {
             Ok(s) => total.add(&s),
-            Err(f) => panic!("{f}"),
+            Err(e) => panic!("{e}"),
         }
     }
-    eprintln!("failover_sim: {total:?} in {:?}", started.elapsed());
+    eprintln!("failover_sim {c:?}: {total:?} in {:?}", started.elapsed());
     if many {
-        for kind in [
-            "agent crash",
-            "pause",
-            "node death",
-            "partition",
-            "lossy network",
-        ] {
+        for kind in ["agent crash", "pause", "node death", "partition", "lossy network"] {
             assert!(
                 total.faults.get(kind).copied().unwrap_or(0) > 0,
                 "no {kind} was ever simulated: {total:?}"
@@ -141,6 +135,33 @@ fn failover_is_safe_and_recovers_under_faults() {
     }
 }
 
+/// Every invariant, with a runtime whose orders survive lost answers.
+#[test]
+fn failover_is_safe_and_recovers_under_faults() {
+    run_all(seeds(24, 0), Faults::default(), Contract::RELIABLE);
+}
+
+/// The safety invariants with the runtime's contract as it is (orders are
+/// sent once; see the ignored tests below for its liveness).
+#[test]
+fn runtime_contract_is_safe_under_faults() {
+    let f = Faults {
+        check_recovery: false,
+        ..Faults::default()
+    };
+    run_all(seeds(16, 10_000), f, Contract::RUNTIME);
+}
+
+/// Runs seeds 1..=n of a broken configuration; returns how many were
+/// caught by `never_two_running`.
+fn caught(n: u64, t: Timing, f: Faults) -> usize {
+    (1..=n)
+        .filter_map(|seed| run(seed, t, f, Contract::RELIABLE).err())
+        .inspect(|e| eprintln!("seed {}: {:?}: {}", e.seed, e.all, e.detail))
+        .filter(|e| e.all.contains(&checks::NEVER_TWO_RUNNING))
+        .count()
+}
+
 /// The checker can fail: nodes that ignore their lease (no self-fencing, no
 /// guard) keep running behind a partition while the vserver fails over.
 #[test]
@@ -149,12 +170,21 @@ fn nodes_ignoring_the_lease_are_caught() {
         ignore_lease: true,
         ..Faults::default()
     };
-    let caught = (1..=10)
-        .filter_map(|seed| run(seed, Timing::default(), f).err())
-        .filter(|e| e.all.contains(&checks::NEVER_TWO_RUNNING))
-        .count();
-    assert!(
-        caught >= 5,
-        "only {caught} of 10 broken runs were caught by never_two_running"
-    );
+    let n = caught(20, Timing::default(), f);
+    assert!(n >= 5, "only {n} of 20 broken runs were caught");
+}
+
+/// The checker can fail: no drift margin and no fence lead while clocks
+/// drift by up to 20 %.
+#[test]
+fn no_drift_margin_is_caught() {
+    let t = Timing {
+        drift_margin_ms: 0,
+        fence_lead_ms: 0,
+        max_drift_ppm: 200_000,
+        ..Timing::default()
+    };
+    assert!(!t.margin_covers_drift());
+    let n = caught(20, t, Faults::default());
+    assert!(n >= 1, "no broken run was caught");
 }

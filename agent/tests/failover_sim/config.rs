@@ -83,6 +83,33 @@ impl Timing {
     }
 }
 
+/// How the runtime around the pure code behaves where the pure code leaves
+/// it open.
+#[derive(Debug, Clone, Copy)]
+pub struct Contract {
+    /// A renewal also reports `Stopped` at the placement's generation for a
+    /// vserver placed on the node that does not run there (the runtime in
+    /// `failover/node.rs` reports local copies only).
+    pub reports_placed_here: bool,
+    /// The leader keeps each order until the node acknowledges it in a
+    /// later renewal, and resends it with every answer (the runtime in
+    /// `failover/leader.rs` sends each order in one answer only).
+    pub orders_until_acked: bool,
+}
+
+impl Contract {
+    /// What `failover/node.rs` and `failover/leader.rs` do today.
+    pub const RUNTIME: Contract = Contract {
+        reports_placed_here: false,
+        orders_until_acked: false,
+    };
+    /// Orders survive lost answers.
+    pub const RELIABLE: Contract = Contract {
+        reports_placed_here: true,
+        orders_until_acked: true,
+    };
+}
+
 /// Fault knobs (the schedule itself is drawn from the seed).
 #[derive(Debug, Clone, Copy)]
 pub struct Faults {
@@ -94,6 +121,9 @@ pub struct Faults {
     pub settle_ms: u64,
     /// Broken on purpose: nodes neither self-fence nor have a guard.
     pub ignore_lease: bool,
+    /// Check `recovers_after_heal` (off to check only the safety
+    /// invariants under a contract known to lose orders).
+    pub check_recovery: bool,
 }
 
 impl Default for Faults {
@@ -103,6 +133,7 @@ impl Default for Faults {
             recovery_bound_ms: 12_000,
             settle_ms: 3_000,
             ignore_lease: false,
+            check_recovery: true,
         }
     }
 }

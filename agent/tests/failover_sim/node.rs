@@ -13,6 +13,9 @@ use vsha_agent::state::ClusterState;
 
 use super::clock::Clock;
 
+/// An order waiting in the leader's outbox.
+pub type Queued = (u64, OrderAction, String, u64);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Agent {
     Up,
@@ -62,8 +65,13 @@ pub struct Node {
     pub ctl: Controller,
     /// `BecameLeader` was fed (and no `LostLeadership` since).
     pub ctl_leader: bool,
-    /// The leader's orders per node, sent with the next granted renewal.
-    pub outbox: BTreeMap<NodeId, Vec<(OrderAction, String, u64)>>,
+    /// The leader's orders per node, sent with the next granted renewal:
+    /// (sequence number in this leader's term, action, vserver, generation).
+    pub outbox: BTreeMap<NodeId, Vec<Queued>>,
+    /// Leader side: the last order sequence number given in this term.
+    pub order_seq: u64,
+    /// Node side: the newest order received, as (leader term, sequence).
+    pub order_ack: (u64, u64),
     /// Guard: kill everything when the node clock reaches this.
     pub guard_kill_at: Option<u64>,
     pub copies: BTreeMap<String, Copy>,
@@ -99,6 +107,8 @@ impl Node {
             ctl: Controller::new(cfg),
             ctl_leader: false,
             outbox: BTreeMap::new(),
+            order_seq: 0,
+            order_ack: (0, 0),
             guard_kill_at: None,
             copies: BTreeMap::new(),
         }
@@ -112,6 +122,7 @@ impl Node {
         self.held.clear();
         self.lease.drop_lease();
         self.orders.clear();
+        self.order_ack = (0, 0);
         self.known_leader = None;
         self.leader_term = None;
         self.quorum_lost_since = None;
@@ -179,13 +190,13 @@ impl Node {
     /// contract assumed here) a `Stopped` report at the placement's
     /// generation for a vserver placed here that does not run here, so a
     /// lost `Start` is sent again.
-    pub fn reports(&self) -> Vec<VserverReport> {
+    pub fn reports(&self, placed_here: bool) -> Vec<VserverReport> {
         let mut out = Vec::new();
         for (name, vs) in &self.state.vservers {
             let placed = vs
                 .placement
                 .as_ref()
-                .filter(|p| p.node == self.id)
+                .filter(|p| placed_here && p.node == self.id)
                 .map(|p| p.generation);
             let copy = self.copies.get(name);
             let report = match (copy, placed) {

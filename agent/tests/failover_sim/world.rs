@@ -18,10 +18,10 @@ use vsha_agent::state::ClusterState;
 
 use super::checks;
 use super::clock::Clock;
-use super::config::{Faults, Timing};
+use super::config::{Contract, Faults, Timing};
 use super::faults::{self, Fault};
 use super::net::Net;
-use super::node::{Agent, Node};
+use super::node::{Agent, Node, Queued};
 use super::raft::{Raft, RaftEvent};
 
 const UNIX0: u64 = 1_700_000_000_000;
@@ -38,13 +38,16 @@ pub enum Msg {
         to: NodeId,
         sent_at: u64,
         reports: Vec<VserverReport>,
+        /// The newest order received: (leader term, sequence).
+        acked: (u64, u64),
     },
     Grant {
         from: NodeId,
         to: NodeId,
         sent_at: u64,
         granted_ms: u64,
-        orders: Vec<(OrderAction, String, u64)>,
+        term: u64,
+        orders: Vec<Queued>,
     },
     Append {
         from: NodeId,
@@ -153,6 +156,7 @@ pub struct Sim {
     now: u64,
     t: Timing,
     f: Faults,
+    c: Contract,
     nodes: BTreeMap<NodeId, Node>,
     ids: Vec<NodeId>,
     hosts: Vec<NodeId>,
@@ -195,7 +199,7 @@ fn spec(name: &str, i: usize) -> VserverSpec {
 }
 
 impl Sim {
-    pub fn new(seed: u64, t: Timing, f: Faults) -> Sim {
+    pub fn new(seed: u64, t: Timing, f: Faults, c: Contract) -> Sim {
         let mut rng = StdRng::seed_from_u64(seed);
         let n: u64 = rng.gen_range(3..=7);
         let ids: Vec<NodeId> = (1..=n).collect();
@@ -289,6 +293,7 @@ impl Sim {
             now: 0,
             t,
             f,
+            c,
             ids: ids.clone(),
             hosts,
             vservers,
@@ -431,7 +436,7 @@ impl Sim {
             self.violated(e);
             return;
         }
-        if self.now < self.heal_at {
+        if self.now < self.heal_at || !self.f.check_recovery {
             return;
         }
         match checks::recovered(&self.nodes, &self.vservers) {
@@ -492,12 +497,14 @@ impl Sim {
         }
         let mono = n.clock.at(self.now);
         if let Some(to) = n.known_leader {
-            let reports = n.reports();
+            let reports = n.reports(self.c.reports_placed_here);
+            let acked = n.order_ack;
             self.send(Msg::Renew {
                 from: id,
                 to,
                 sent_at: mono,
                 reports,
+                acked,
             });
         }
         self.run_plan(id);
@@ -714,18 +721,24 @@ impl Sim {
                 to,
                 sent_at,
                 reports,
-            } => self.renewal(to, from, sent_at, reports),
+                acked,
+            } => self.renewal(to, from, sent_at, reports, acked),
             Msg::Grant {
                 to,
                 sent_at,
                 granted_ms,
+                term,
                 orders,
                 ..
             } => {
                 let n = self.nodes.get_mut(&to).expect("node");
                 let mono = n.clock.at(self.now);
                 n.lease.renewed(sent_at, granted_ms);
-                for (action, vserver, generation) in orders {
+                for (seq, action, vserver, generation) in orders {
+                    if (term, seq) <= n.order_ack {
+                        continue;
+                    }
+                    n.order_ack = (term, seq);
                     n.orders.push(Order {
                         action,
                         vserver,
@@ -765,7 +778,14 @@ impl Sim {
 
     /// The leader `l` receives `from`'s renewal: grant it only as the
     /// confirmed leader of the current term with a quorum.
-    fn renewal(&mut self, l: NodeId, from: NodeId, sent_at: u64, reports: Vec<VserverReport>) {
+    fn renewal(
+        &mut self,
+        l: NodeId,
+        from: NodeId,
+        sent_at: u64,
+        reports: Vec<VserverReport>,
+        acked: (u64, u64),
+    ) {
         let alive = self.alive();
         let n = &self.nodes[&l];
         let confirmed = n.ctl_leader
@@ -786,7 +806,14 @@ impl Sim {
             n.ctl.observe(&n.state, now, Event::Report(r));
         }
         let cmds = n.ctl.take_commands();
-        let orders = n.outbox.remove(&from).unwrap_or_default();
+        let term = self.raft.term;
+        let orders = if self.c.orders_until_acked {
+            let q = n.outbox.entry(from).or_default();
+            q.retain(|o| (term, o.0) > acked);
+            q.clone()
+        } else {
+            n.outbox.remove(&from).unwrap_or_default()
+        };
         for c in cmds {
             self.command(l, c);
         }
@@ -795,6 +822,7 @@ impl Sim {
             to: from,
             sent_at,
             granted_ms: self.t.lease_ms,
+            term,
             orders,
         });
     }
@@ -852,15 +880,12 @@ impl Sim {
             Cmd::Sync { .. } => return,
         };
         let (action, vserver, node, generation) = order;
-        let entry = (action, vserver.clone(), generation);
+        let vserver = vserver.clone();
         self.log(format!("n{l} leader: {c}"));
-        self.nodes
-            .get_mut(&l)
-            .expect("node")
-            .outbox
-            .entry(node)
-            .or_default()
-            .push(entry);
+        let n = self.nodes.get_mut(&l).expect("node");
+        n.order_seq += 1;
+        let entry = (n.order_seq, action, vserver, generation);
+        n.outbox.entry(node).or_default().push(entry);
     }
 
     fn step_down(&mut self, id: NodeId, why: &str) {
@@ -913,7 +938,10 @@ impl Sim {
                 RaftEvent::Ready { leader } => {
                     let len = self.raft.log.len();
                     self.apply(leader, len);
-                    self.nodes.get_mut(&leader).expect("node").ctl_leader = true;
+                    let n = self.nodes.get_mut(&leader).expect("node");
+                    n.ctl_leader = true;
+                    n.order_seq = 0;
+                    n.outbox.clear();
                     self.log(format!("raft: n{leader} ready (BecameLeader)"));
                     self.leader_step(leader, Event::BecameLeader);
                 }
