@@ -271,9 +271,10 @@ impl Sim {
                                 .contains(&(p.vserver.clone(), holder, cur_gen));
                         let ok = match p.reason {
                             MoveReason::Failover | MoveReason::Forced => expired,
-                            MoveReason::Drain | MoveReason::Failback | MoveReason::Health => {
-                                stopped
-                            }
+                            MoveReason::Drain
+                            | MoveReason::Failback
+                            | MoveReason::Health
+                            | MoveReason::Migrate => stopped,
                             MoveReason::Place | MoveReason::Replace => false,
                         };
                         if !ok {

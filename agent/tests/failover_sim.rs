@@ -121,7 +121,13 @@ fn run_all(seeds: Vec<u64>, f: Faults, c: Contract) {
     }
     eprintln!("failover_sim {c:?}: {total:?} in {:?}", started.elapsed());
     if many {
-        for kind in ["agent crash", "pause", "node death", "partition", "lossy network"] {
+        for kind in [
+            "agent crash",
+            "pause",
+            "node death",
+            "partition",
+            "lossy network",
+        ] {
             assert!(
                 total.faults.get(kind).copied().unwrap_or(0) > 0,
                 "no {kind} was ever simulated: {total:?}"
@@ -187,4 +193,22 @@ fn no_drift_margin_is_caught() {
     assert!(!t.margin_covers_drift());
     let n = caught(20, t, Faults::default());
     assert!(n >= 1, "no broken run was caught");
+}
+
+#[test]
+#[ignore = "scan"]
+fn zz_scan() {
+    let c = if std::env::var("SCAN_RELIABLE").is_ok() {
+        Contract::RELIABLE
+    } else {
+        Contract::RUNTIME
+    };
+    for seed in seeds(100, 0) {
+        if let Err(e) = run(seed, Timing::default(), Faults::default(), c) {
+            eprintln!("FAIL seed {}: {:?}: {}", e.seed, e.all, e.detail);
+            if std::env::var("VSHA_SIM_SEED").is_ok() {
+                eprintln!("{e}");
+            }
+        }
+    }
 }

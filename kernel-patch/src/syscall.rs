@@ -113,7 +113,20 @@ impl Syscall for LinuxSyscall {
         crate::net::set_promote_secondaries(dev)
     }
     fn announce(&self, dev: &str, ip: Ipv4Addr) -> Result<()> {
-        crate::net::gratuitous_arp(dev, ip, self.garp_count, self.garp_interval)
+        // The first round now (neighbours switch at once, which is what a
+        // takeover waits for); the repeats, for lost frames, in the
+        // background so the start does not wait out their spacing.
+        crate::net::gratuitous_arp(dev, ip, 1, Duration::ZERO)?;
+        if self.garp_count > 1 {
+            let (dev, count, interval) = (dev.to_string(), self.garp_count - 1, self.garp_interval);
+            std::thread::spawn(move || {
+                std::thread::sleep(interval);
+                if let Err(e) = crate::net::gratuitous_arp(&dev, ip, count, interval) {
+                    tracing::warn!(%ip, dev, error = %e, "repeated gratuitous ARP failed");
+                }
+            });
+        }
+        Ok(())
     }
     fn probe_address(&self, dev: &str, ip: Ipv4Addr) -> Result<Option<crate::net::Mac>> {
         match self.arp_probe {

@@ -157,9 +157,6 @@ pub fn spec_to_pb(s: &VserverSpec) -> pb::VserverSpec {
     }
 }
 
-/// Default place of a vserver's tree when the operator names none.
-pub const DEFAULT_TREE_ROOT: &str = "/var/lib/vsha/vservers";
-
 pub fn spec_from_pb(s: Option<pb::VserverSpec>) -> Result<VserverSpec, StateError> {
     let s = s.ok_or_else(|| StateError::invalid("spec", "missing"))?;
     let name = validate::vserver_name(&s.name)?;
@@ -169,8 +166,9 @@ pub fn spec_from_pb(s: Option<pb::VserverSpec>) -> Result<VserverSpec, StateErro
     } else {
         validate::prefix(s.prefix)?
     };
+    // Empty: VSERVER_ROOT/NAME on each node (see docs/config.md).
     let tree = if s.tree.is_empty() {
-        format!("{DEFAULT_TREE_ROOT}/{name}")
+        String::new()
     } else {
         validate::tree(&s.tree)?
     };

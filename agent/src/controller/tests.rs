@@ -698,3 +698,71 @@ fn exhausted_generation_is_never_reused() {
     assert!(proposals(&cmds).is_empty());
     assert!(alerts(&cmds)[0].message.contains("exhausted"));
 }
+
+#[test]
+fn migrate_stops_first_then_final_sync_then_proposes_to_the_named_node() {
+    let mut s = cluster(Failback::Never);
+    place(&mut s, "web", 1, 1);
+    let mut c = leader(&s, 0);
+    renew(&mut c, &s, 1000, &[1, 2]);
+    c.step(&s, Now::at(1000), report("web", 1, 1, Observed::Running, 0));
+    c.take_commands();
+    c.step(
+        &s,
+        Now::at(1100),
+        Event::Migrate {
+            vserver: "web".into(),
+            to: 2,
+        },
+    );
+    assert_eq!(
+        c.take_commands(),
+        vec![Cmd::Stop {
+            vserver: "web".into(),
+            node: 1,
+            generation: 1
+        }]
+    );
+    assert!(tick(&mut c, &s, 1200).is_empty(), "waits for the stop");
+    c.step(&s, Now::at(1300), report("web", 1, 1, Observed::Stopped, 0));
+    let cmds = c.take_commands();
+    assert_eq!(
+        cmds[0],
+        Cmd::Sync {
+            vserver: "web".into(),
+            from: 1,
+            to: 2,
+            generation: 1,
+            kind: SyncKind::Final
+        }
+    );
+    let p = proposals(&cmds);
+    assert_eq!(
+        (p[0].to, p[0].reason, p[0].generation),
+        (2, MoveReason::Migrate, 2)
+    );
+}
+
+#[test]
+fn migrate_to_a_node_that_cannot_host_alerts_and_keeps_running() {
+    let mut s = cluster(Failback::Never);
+    place(&mut s, "web", 1, 1);
+    let mut c = leader(&s, 0);
+    renew(&mut c, &s, 1000, &[1]);
+    c.step(&s, Now::at(1000), report("web", 1, 1, Observed::Running, 0));
+    c.take_commands();
+    c.step(
+        &s,
+        Now::at(1100),
+        Event::Migrate {
+            vserver: "web".into(),
+            to: 2,
+        },
+    );
+    let cmds = c.take_commands();
+    assert!(
+        cmds.iter().all(|c| !matches!(c, Cmd::Stop { .. })),
+        "{cmds:?}"
+    );
+    assert_eq!(alerts(&cmds)[0].kind, AlertKind::NoEligibleNode);
+}

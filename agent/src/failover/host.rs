@@ -60,18 +60,21 @@ impl Host {
     }
 
     /// The tree a vserver runs from here: the replica when this node has
-    /// received one, else the operator's `VSERVER_ROOT/NAME`.
-    pub fn tree(&self, name: &str) -> PathBuf {
-        let replica = super::replication::replica_dir(&self.vserver_root).join(name);
+    /// received one, else the spec's tree, else `VSERVER_ROOT/NAME`.
+    pub fn tree(&self, spec: &VserverSpec) -> PathBuf {
+        let replica = super::replication::replica_dir(&self.vserver_root).join(&spec.name);
         if replica.exists() {
             return std::fs::canonicalize(&replica).unwrap_or(replica);
         }
-        self.vserver_root.join(name)
+        if !spec.tree.is_empty() {
+            return PathBuf::from(&spec.tree);
+        }
+        self.vserver_root.join(&spec.name)
     }
 
     /// The kernel-level spec of a clustered vserver on this node.
     pub fn kernel_spec(&self, spec: &VserverSpec, node: Option<&NodeRecord>) -> KernelSpec {
-        let mut k = KernelSpec::new(&spec.name, self.tree(&spec.name));
+        let mut k = KernelSpec::new(&spec.name, self.tree(spec));
         if !spec.ip.is_unspecified() {
             k.ip = Some(format!("{}/{}", spec.ip, spec.prefix));
         }

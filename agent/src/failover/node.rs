@@ -135,7 +135,25 @@ impl NodeRuntime {
                 })
                 .collect::<Vec<_>>()
         });
+        let held: BTreeMap<String, (u64, String)> = std::fs::read(self.held_replicas_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        let replica_root = super::replication::replica_dir(&self.host.vserver_root);
         let mut sh = self.lock();
+        for (name, (source_unix_ms, digest)) in held {
+            if replica_root.join(&name).exists() {
+                sh.replicas.insert(
+                    (name.clone(), self.me),
+                    pb::ReplicaReport {
+                        vserver: name,
+                        node: self.me,
+                        source_unix_ms,
+                        digest,
+                    },
+                );
+            }
+        }
         for (name, k) in specs {
             if self.host.running(&name) {
                 let generation = persisted.generations.get(&name).copied().unwrap_or(0);
@@ -238,6 +256,65 @@ impl NodeRuntime {
             .local
             .get(name)
             .is_some_and(|l| l.may_have_processes())
+    }
+
+    fn held_replicas_path(&self) -> PathBuf {
+        self.host.paths.run_dir.join("replicas.json")
+    }
+
+    /// A round of `name` completed here: this node holds the holder's tree
+    /// as of `source_unix_ms`. Reported with every renewal (so any leader
+    /// learns it from the node that has the data) and kept across restarts.
+    pub fn replica_received(&self, name: &str, source_unix_ms: u64, digest: String) {
+        let held = {
+            let mut sh = self.lock();
+            let key = (name.to_string(), self.me);
+            let newer = sh
+                .replicas
+                .get(&key)
+                .is_none_or(|r| r.source_unix_ms <= source_unix_ms);
+            if newer {
+                sh.replicas.insert(
+                    key,
+                    pb::ReplicaReport {
+                        vserver: name.to_string(),
+                        node: self.me,
+                        source_unix_ms,
+                        digest,
+                    },
+                );
+            }
+            Self::held_replicas(&sh, self.me)
+        };
+        self.persist_held(&held);
+    }
+
+    fn held_replicas(sh: &Shared, me: NodeId) -> BTreeMap<String, (u64, String)> {
+        sh.replicas
+            .values()
+            .filter(|r| r.node == me)
+            .map(|r| (r.vserver.clone(), (r.source_unix_ms, r.digest.clone())))
+            .collect()
+    }
+
+    fn persist_held(&self, held: &BTreeMap<String, (u64, String)>) {
+        if let Ok(b) = serde_json::to_vec(held) {
+            let p = self.held_replicas_path();
+            let tmp = p.with_extension("tmp");
+            if std::fs::write(&tmp, b).is_ok() {
+                let _ = std::fs::rename(&tmp, &p);
+            }
+        }
+    }
+
+    /// This node runs `name` now: its replica stops being one.
+    fn forget_held_replica(&self, name: &str) {
+        let held = {
+            let mut sh = self.lock();
+            sh.replicas.remove(&(name.to_string(), self.me));
+            Self::held_replicas(&sh, self.me)
+        };
+        self.persist_held(&held);
     }
 
     pub fn record_replica(&self, r: pb::ReplicaReport) {
@@ -446,6 +523,11 @@ impl NodeRuntime {
     /// Marks vservers whose init died as failed (the leader decides about
     /// restarts and moves).
     async fn check_health(self: &Arc<Self>) {
+        if !self.lock().lease.may_run(mono_ms()) {
+            // Without a lease the guard may have killed them: that is the
+            // self-fence the plan records, not a health failure.
+            return;
+        }
         let names: Vec<String> = self
             .lock()
             .local
@@ -530,6 +612,7 @@ impl NodeRuntime {
             self.failed(name, generation, "the guard is not running".into());
             return;
         }
+        self.forget_held_replica(name);
         match self.host.start(&k) {
             Ok(t) => {
                 let mut sh = self.lock();

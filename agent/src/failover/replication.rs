@@ -141,14 +141,19 @@ impl Replication {
             .address_of(to)
             .ok_or_else(|| format!("address of node {to} unknown"))?;
         let mut client = self.peers.client(&addr).map_err(|e| e.to_string())?;
-        let src = self.node.host.tree(name);
+        let src = self
+            .raft
+            .read_state(|s| s.vservers.get(name).map(|v| self.node.host.tree(&v.spec)))
+            .ok_or_else(|| format!("{name} is no longer in the cluster"))?;
         let (ours, theirs) = tokio::io::duplex(CHUNK * 2);
         let (mut rd, mut wr) = tokio::io::split(theirs);
         let (tx, rx) = mpsc::channel::<pb::ReplicateChunk>(8);
+        let started = unix_ms();
         let first = pb::ReplicateChunk {
             vserver: name.to_string(),
             generation,
             data: Default::default(),
+            source_unix_ms: started,
         };
         tx.send(first).await.map_err(|e| e.to_string())?;
         // sync/ → gRPC
@@ -191,7 +196,6 @@ impl Replication {
             .unwrap_or_else(|e| e.into_inner())
             .remove(&key)
             .unwrap_or_default();
-        let started = unix_ms();
         let (r, state) = vsha_sync::send(
             ours,
             src,
@@ -201,10 +205,7 @@ impl Replication {
             state,
         )
         .await;
-        let source = state
-            .last_point
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(started, |d| d.as_millis() as u64);
+        let source = started;
         self.senders
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -239,6 +240,7 @@ impl Replication {
         let name = crate::validate::vserver_name(&first.vserver)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.may_receive(&name, first.generation)?;
+        let first_source = first.source_unix_ms;
         let (ours, theirs) = tokio::io::duplex(CHUNK * 2);
         let (mut rd, mut wr) = tokio::io::split(theirs);
         let (cancel_tx, mut cancel_rx) = oneshot::channel::<()>();
@@ -304,7 +306,9 @@ impl Replication {
             let r = vsha_sync::receive(store, ours, None).await;
             match &r {
                 Ok(rec) => {
-                    tracing::debug!(vserver = %rec.name, seq = rec.seq, new = rec.new_version, "replica received")
+                    tracing::debug!(vserver = %rec.name, seq = rec.seq, new = rec.new_version, "replica received");
+                    me.node
+                        .replica_received(&name, first_source, format!("seq {}", rec.seq));
                 }
                 Err(e) => {
                     tracing::info!(vserver = %name, error = %e, "replication round refused or cut; the previous replica stays")

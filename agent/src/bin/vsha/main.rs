@@ -3,6 +3,7 @@
 mod client;
 mod demo;
 mod local;
+mod ops;
 mod output;
 mod sync_cmd;
 
@@ -61,6 +62,35 @@ enum Cmd {
     /// Tree replication between machines (standalone).
     #[command(subcommand)]
     Sync(sync_cmd::SyncCmd),
+    /// Move a vserver off a dead node now, to NODE (its lease must be over).
+    Failover {
+        vserver: String,
+        #[arg(long, value_name = "NODE")]
+        to: u64,
+        /// Take NODE even if its replica is older than max_rpo (or unknown).
+        #[arg(long)]
+        accept_data_loss: bool,
+        #[arg(long, value_name = "SECS", default_value_t = 60)]
+        timeout: u64,
+    },
+    /// Move a running vserver to NODE: pre-copy, stop, final delta, start.
+    Migrate {
+        vserver: String,
+        #[arg(long, value_name = "NODE")]
+        to: u64,
+        #[arg(long, value_name = "SECS", default_value_t = 300)]
+        timeout: u64,
+    },
+    /// Cluster events (failovers, fencing, health), from the leader.
+    Events {
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// What the cluster would do, without doing it.
+    #[command(subcommand)]
+    Simulate(ops::SimulateCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -91,6 +121,10 @@ enum NodeCmd {
     },
     /// Set a node's admin state.
     Admin { id: u64, state: AdminArg },
+    /// Move every vserver off NODE (its admin state becomes draining).
+    Drain { id: u64 },
+    /// Maintenance on: NODE keeps what it runs but gets nothing new.
+    Maintenance { state: ops::OnOff, id: u64 },
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -106,6 +140,10 @@ enum VserverCmd {
     Add(VserverAdd),
     /// Remove a vserver from the cluster.
     Rm { name: String },
+    /// Let the cluster run it (placed and started by the leader).
+    Enable { name: String },
+    /// Keep it stopped wherever it is placed.
+    Disable { name: String },
     /// List the cluster's vservers (--local: the vservers running here).
     List {
         #[arg(long)]
@@ -129,11 +167,18 @@ struct VserverAdd {
     /// Interface that carries the IP (IPROOTDEV).
     #[arg(long, value_name = "DEV")]
     dev: Option<String>,
-    /// The vserver's tree (default /var/lib/vsha/vservers/NAME).
+    /// The vserver's tree (default: VSERVER_ROOT/NAME on each node).
     #[arg(long, value_name = "PATH")]
     tree: Option<String>,
     #[arg(long)]
     hostname: Option<String>,
+    /// Command the context runs (split at spaces; default /sbin/init,
+    /// /etc/init.d/rc 3 or /bin/sh, whichever the tree has).
+    #[arg(long, value_name = "\"CMD ARGS\"")]
+    start: Option<String>,
+    /// Refuse an automatic failover to a standby whose replica is older.
+    #[arg(long, value_name = "SECS")]
+    max_rpo: Option<u64>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -186,6 +231,10 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn secs(s: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(s)
 }
 
 fn print_json<T: serde::Serialize>(v: &T) -> anyhow::Result<()> {
@@ -287,11 +336,40 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 print!("{}", output::nodes_table(&nodes, false));
             }
         }
-        Cmd::Node(NodeCmd::Admin { id, state }) => {
-            let admin = match state {
-                AdminArg::Active => pb::AdminState::Active,
-                AdminArg::Draining => pb::AdminState::Draining,
-                AdminArg::Maintenance => pb::AdminState::Maintenance,
+        Cmd::Failover {
+            vserver,
+            to,
+            accept_data_loss,
+            timeout,
+        } => return ops::failover(&mut c, &e, &vserver, to, accept_data_loss, secs(timeout)).await,
+        Cmd::Migrate {
+            vserver,
+            to,
+            timeout,
+        } => return ops::migrate(&mut c, &e, &vserver, to, secs(timeout)).await,
+        Cmd::Events { follow, json } => return ops::events(&mut c, &e, follow, json).await,
+        Cmd::Simulate(s) => return ops::simulate(&mut c, &e, s).await,
+        Cmd::Vserver(VserverCmd::Enable { name }) => {
+            return ops::set_desired(&mut c, &e, &name, true).await
+        }
+        Cmd::Vserver(VserverCmd::Disable { name }) => {
+            return ops::set_desired(&mut c, &e, &name, false).await
+        }
+        Cmd::Node(
+            NodeCmd::Admin { id, .. } | NodeCmd::Drain { id } | NodeCmd::Maintenance { id, .. },
+        ) => {
+            let admin = match cli.cmd {
+                Cmd::Node(NodeCmd::Admin { state, .. }) => match state {
+                    AdminArg::Active => pb::AdminState::Active,
+                    AdminArg::Draining => pb::AdminState::Draining,
+                    AdminArg::Maintenance => pb::AdminState::Maintenance,
+                },
+                Cmd::Node(NodeCmd::Drain { .. }) => pb::AdminState::Draining,
+                Cmd::Node(NodeCmd::Maintenance {
+                    state: ops::OnOff::On,
+                    ..
+                }) => pb::AdminState::Maintenance,
+                _ => pb::AdminState::Active,
             };
             c.set_node_admin(pb::SetNodeAdminRequest {
                 id,
@@ -318,6 +396,11 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 dev: a.dev.unwrap_or_default(),
                 tree: a.tree.unwrap_or_default(),
                 hostname: a.hostname.unwrap_or_default(),
+                start_command: a
+                    .start
+                    .map(|s| s.split_whitespace().map(str::to_string).collect())
+                    .unwrap_or_default(),
+                max_rpo_ms: a.max_rpo.unwrap_or(0).saturating_mul(1000),
                 ..Default::default()
             };
             let info = c
@@ -326,9 +409,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                 .map_err(e)?
                 .into_inner();
             let v = output::vserver_json(&info);
+            let tree = if v.tree.is_empty() {
+                "VSERVER_ROOT/".to_string() + &v.name
+            } else {
+                v.tree.clone()
+            };
             println!(
-                "vserver {} recorded: {}/{} tree {}",
-                v.name, v.ip, v.prefix, v.tree
+                "vserver {} recorded: {}/{} tree {tree}",
+                v.name, v.ip, v.prefix
             );
         }
         Cmd::Vserver(VserverCmd::Rm { name }) => {

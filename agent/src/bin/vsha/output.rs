@@ -57,6 +57,85 @@ pub struct VserverJson {
     pub hostname: String,
     pub placement: Option<PlacementJson>,
     pub pair: Option<PairJson>,
+    /// The leader's live view; null when no leader answered.
+    pub runtime: Option<RuntimeJson>,
+}
+
+#[derive(Serialize)]
+pub struct RuntimeJson {
+    /// "running", "stopped", "failed: REASON" or "unknown".
+    pub state: String,
+    pub restarts: u32,
+    /// What is under way ("" when nothing).
+    pub phase: String,
+    /// Milliseconds left in the phase when known, else null.
+    pub phase_ms_left: Option<u64>,
+    pub replicas: Vec<ReplicaLagJson>,
+    /// The last alert about this vserver ("" when none).
+    pub alert: String,
+}
+
+#[derive(Serialize)]
+pub struct ReplicaLagJson {
+    pub node: u64,
+    /// Age of the newest complete replica; null when there is none.
+    pub lag_ms: Option<u64>,
+}
+
+#[derive(Serialize)]
+pub struct EventJson {
+    pub seq: u64,
+    pub unix_ms: u64,
+    pub kind: String,
+    pub vserver: String,
+    pub node: u64,
+    pub message: String,
+    pub phases: Vec<PhaseJson>,
+}
+
+#[derive(Serialize)]
+pub struct PhaseJson {
+    pub name: String,
+    pub ms: u64,
+}
+
+pub fn event_json(e: &pb::Event) -> EventJson {
+    EventJson {
+        seq: e.seq,
+        unix_ms: e.unix_ms,
+        kind: e.kind.clone(),
+        vserver: e.vserver.clone(),
+        node: e.node,
+        message: e.message.clone(),
+        phases: e
+            .phases
+            .iter()
+            .map(|p| PhaseJson {
+                name: p.name.clone(),
+                ms: p.ms,
+            })
+            .collect(),
+    }
+}
+
+pub fn event_human(e: &pb::Event) -> String {
+    let secs = e.unix_ms / 1000;
+    let (h, m, s) = ((secs / 3600) % 24, (secs / 60) % 60, secs % 60);
+    let mut line = format!(
+        "{h:02}:{m:02}:{s:02}.{:03} {:<16} {}",
+        e.unix_ms % 1000,
+        e.kind,
+        e.message
+    );
+    if !e.phases.is_empty() {
+        let p: Vec<String> = e
+            .phases
+            .iter()
+            .map(|p| format!("{} {} ms", p.name, p.ms))
+            .collect();
+        line.push_str(&format!(" [{}]", p.join(", ")));
+    }
+    line
 }
 
 pub fn role(r: i32) -> &'static str {
@@ -116,6 +195,21 @@ pub fn vserver_json(v: &pb::VserverInfo) -> VserverJson {
             nodes: g.nodes.clone(),
             failback: failback(g.failback),
             failback_stable_ms: g.failback_stable_ms,
+        }),
+        runtime: v.runtime.as_ref().map(|r| RuntimeJson {
+            state: r.observed.clone(),
+            restarts: r.restarts,
+            phase: r.phase.clone(),
+            phase_ms_left: (r.phase_ms_left > 0).then_some(r.phase_ms_left),
+            replicas: r
+                .lag
+                .iter()
+                .map(|l| ReplicaLagJson {
+                    node: l.node,
+                    lag_ms: l.known.then_some(l.lag_ms),
+                })
+                .collect(),
+            alert: r.alert.clone(),
         }),
     }
 }
@@ -217,13 +311,42 @@ pub fn vservers_table(vs: &[VserverJson]) -> String {
                 },
                 v.placement
                     .as_ref()
-                    .map(|p| {
-                        format!(
-                            "node {} (gen {}) {}/{}",
-                            p.node, p.generation, p.desired, p.observed
-                        )
-                    })
+                    .map(|p| format!("node {} gen {} ({})", p.node, p.generation, p.desired))
                     .unwrap_or_else(|| "unplaced".into()),
+                v.runtime
+                    .as_ref()
+                    .map(|r| {
+                        let mut st = r.state.clone();
+                        if r.restarts > 0 {
+                            st.push_str(&format!(" ({} restarts)", r.restarts));
+                        }
+                        if !r.phase.is_empty() {
+                            st.push_str(&format!("; {}", r.phase));
+                            if let Some(ms) = r.phase_ms_left {
+                                st.push_str(&format!(" ({:.1} s left)", ms as f64 / 1000.0));
+                            }
+                        }
+                        st
+                    })
+                    .unwrap_or_else(|| "-".into()),
+                v.runtime
+                    .as_ref()
+                    .map(|r| {
+                        let lags: Vec<String> = r
+                            .replicas
+                            .iter()
+                            .map(|l| match l.lag_ms {
+                                Some(ms) => format!("{}: {:.1} s", l.node, ms as f64 / 1000.0),
+                                None => format!("{}: none", l.node),
+                            })
+                            .collect();
+                        if lags.is_empty() {
+                            "-".into()
+                        } else {
+                            lags.join(", ")
+                        }
+                    })
+                    .unwrap_or_else(|| "-".into()),
                 v.pair
                     .as_ref()
                     .map(|p| {
@@ -231,14 +354,27 @@ pub fn vservers_table(vs: &[VserverJson]) -> String {
                         format!("{} (failback {})", nodes.join(" > "), p.failback)
                     })
                     .unwrap_or_else(|| "-".into()),
-                v.tree.clone(),
             ]
         })
         .collect();
-    table(
-        &["VSERVER", "IP", "DEV", "PLACEMENT", "PAIR", "TREE"],
+    let mut out = table(
+        &[
+            "VSERVER",
+            "IP",
+            "DEV",
+            "PLACEMENT",
+            "STATE",
+            "REPLICA LAG",
+            "PAIR",
+        ],
         &rows,
-    )
+    );
+    for v in vs {
+        if let Some(r) = v.runtime.as_ref().filter(|r| !r.alert.is_empty()) {
+            out.push_str(&format!("alert {}: {}\n", v.name, r.alert));
+        }
+    }
+    out
 }
 
 pub fn status_human(s: &StatusJson) -> String {
