@@ -619,7 +619,9 @@ fn main() {
     }
     if want("e") {
         // (e) lag under a writer touching 100 files/s, continuous journal rounds.
-        // On the main tree (the 200k-file tree in full mode).
+        // On the main tree (the 200k-file tree in full mode), into its
+        // up-to-date replica "main" (until 2026-11-29 the rounds went to a new
+        // name, so the window also held that name's initial copy).
         let lsrc = src.clone();
         let lag_files: Vec<PathBuf> = (0..100).map(|i| lsrc.join(format!("touch{i}"))).collect();
         for p in &lag_files {
@@ -649,7 +651,7 @@ fn main() {
         while Instant::now() < t_end {
             let start = Instant::now();
             let (r, st) = ours.rt.block_on(vsha_sync::push_round(
-                &lsrc, &ours.addr, "lag", None, &jopts, lstate,
+                &lsrc, &ours.addr, "main", None, &jopts, lstate,
             ));
             lstate = st;
             r.expect("lag round");

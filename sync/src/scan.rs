@@ -300,19 +300,36 @@ fn finish(
             }
         }
     }
-    let prev_map: HashMap<&[u8], &Entry> = prev
-        .map(|p| p.entries.iter().map(|e| (&e.path[..], e)).collect())
-        .unwrap_or_default();
+    // Entries carried over from the previous index by a partial rescan keep
+    // their hash; only the others are looked up (few: binary search; many:
+    // one map).
+    let lookups = entries
+        .iter()
+        .filter(|e| e.kind == Kind::File && e.link.is_none() && e.hash == [0; 32])
+        .count();
+    let prev_map: HashMap<&[u8], &Entry> = match prev {
+        Some(p) if lookups > entries.len() / 16 => {
+            p.entries.iter().map(|e| (&e.path[..], e)).collect()
+        }
+        _ => HashMap::new(),
+    };
+    let prev_get = |path: &[u8]| -> Option<&Entry> {
+        if prev_map.is_empty() {
+            prev.and_then(|p| p.get(path))
+        } else {
+            prev_map.get(path).copied()
+        }
+    };
     // A cached hash is reused when size, mtime and inode match (inode 0: a
     // receiver manifest, which has none: size and mtime, like rsync's quick
     // check). Other files are hashed now if `want` says so, else later while
     // they are sent (their hash stays zero until then).
     let mut need = Vec::new();
     for (i, e) in entries.iter_mut().enumerate() {
-        if e.kind != Kind::File || e.link.is_some() {
+        if e.kind != Kind::File || e.link.is_some() || e.hash != [0; 32] {
             continue;
         }
-        let hit = prev_map.get(&e.path[..]).filter(|p| {
+        let hit = prev_get(&e.path[..]).filter(|p| {
             p.kind == Kind::File
                 && p.size == e.size
                 && p.mtime == e.mtime

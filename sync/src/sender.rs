@@ -152,8 +152,6 @@ pub(crate) fn scan_for_round(
     cache: Option<&Index>,
     want: crate::scan::Want<'_>,
 ) -> Result<(Index, bool)> {
-    let cache = state.last.as_ref().or(cache).cloned();
-    let cache = cache.as_ref();
     if want_journal && state.journal.is_none() {
         match crate::journal::Journal::start(src) {
             Ok(j) => state.journal = Some(j),
@@ -167,6 +165,7 @@ pub(crate) fn scan_for_round(
         if let Some(j) = state.journal.as_mut() {
             j.drain();
         }
+        let cache = state.last.as_ref().or(cache);
         let (idx, _) = crate::scan::scan_with(src, cache, want)?;
         return Ok((idx, true));
     }
@@ -189,6 +188,7 @@ pub(crate) fn scan_for_round(
         // First round: drain what happened before, the full scan covers it.
         j.drain();
     }
+    let cache = state.last.as_ref().or(cache);
     let (idx, _) = crate::scan::scan_with(src, cache, want)?;
     Ok((idx, true))
 }
@@ -534,7 +534,9 @@ fn send_round_inner(
         }
     });
     let mut pre: std::vec::IntoIter<std::io::Result<(Vec<u8>, [u8; 32])>> = Vec::new().into_iter();
-    let mut new_entries: Vec<Entry> = idx.entries.clone();
+    // Hashes actually sent that differ from the scan's (a file changed
+    // while being read): only then is the digest recomputed over a copy.
+    let mut sent_hash: Vec<(usize, [u8; 32])> = Vec::new();
     peer.send(Frame::Begin)?;
     let mut res = Ok(());
     for (n, p) in plan.iter().enumerate() {
@@ -572,7 +574,7 @@ fn send_round_inner(
                         match d {
                             Some(Ok((d, h))) => {
                                 stats.literal_bytes += d.len() as u64;
-                                new_entries[*k].hash = h;
+                                sent_hash.push((*k, h));
                                 let r = if d.is_empty() {
                                     Ok(())
                                 } else if d.len() <= CHUNK {
@@ -591,9 +593,9 @@ fn send_round_inner(
                             None => Err(SyncError::Protocol("prefetch ended early".into())),
                         }
                     }
-                    (Ok(()), Source::Data) => send_file(peer, src, e, &mut stats).map(|h| {
-                        new_entries[*k].hash = h;
-                    }),
+                    (Ok(()), Source::Data) => {
+                        send_file(peer, src, e, &mut stats).map(|h| sent_hash.push((*k, h)))
+                    }
                     (Ok(()), Source::Delta(_)) => {
                         let sums = sigs.get(&n).cloned().unwrap_or_default();
                         let base = remote.get(match source {
@@ -601,9 +603,8 @@ fn send_round_inner(
                             _ => &e.path,
                         });
                         let blen = base.map(|b| b.size).unwrap_or(0);
-                        send_delta(peer, src, e, blen, &sums, &mut stats).map(|h| {
-                            new_entries[*k].hash = h;
-                        })
+                        send_delta(peer, src, e, blen, &sums, &mut stats)
+                            .map(|h| sent_hash.push((*k, h)))
                     }
                     (Ok(()), _) => Ok(()),
                 }
@@ -617,21 +618,35 @@ fn send_round_inner(
     drop(prx);
     let _ = prefetch.join();
     res?;
-    // Hashes as actually sent; followers take their leader's.
-    let mut k = 0;
-    while k < new_entries.len() {
-        if let Some(l) = new_entries[k].link.clone() {
-            if let Ok(li) = new_entries.binary_search_by(|x| key_cmp(&x.path, &l)) {
-                new_entries[k].hash = new_entries[li].hash;
-            }
+    // Hashes as actually sent; followers take their leader's. Usually they
+    // are the scanned ones and the scan's digest stands (no O(tree) pass).
+    sent_hash.retain(|(k, h)| idx.entries[*k].hash != *h);
+    let new_index = if sent_hash.is_empty() {
+        idx
+    } else {
+        let mut new_entries: Vec<Entry> = idx.entries.clone();
+        for (k, h) in &sent_hash {
+            new_entries[*k].hash = *h;
         }
-        k += 1;
-    }
-    let digest = tree_digest(&new_entries);
+        let mut k = 0;
+        while k < new_entries.len() {
+            if let Some(l) = new_entries[k].link.clone() {
+                if let Ok(li) = new_entries.binary_search_by(|x| key_cmp(&x.path, &l)) {
+                    new_entries[k].hash = new_entries[li].hash;
+                }
+            }
+            k += 1;
+        }
+        Index {
+            digest: tree_digest(&new_entries),
+            entries: new_entries,
+        }
+    };
+    let digest = new_index.digest;
     check_deadline(peer)?;
     peer.send(Frame::End {
         digest,
-        count: new_entries.len() as u64,
+        count: new_index.entries.len() as u64,
     })?;
     match peer.recv()? {
         Frame::Committed { seq, unified_bytes } => {
@@ -647,10 +662,7 @@ fn send_round_inner(
         }
     }
     stats.round_duration = t0.elapsed();
-    state.last = Some(Index {
-        entries: new_entries,
-        digest,
-    });
+    state.last = Some(new_index);
     state.last_point = Some(point);
     stats.lag = state.lag().unwrap_or_default();
     stats.journal_fallbacks = state.fallbacks;
