@@ -330,7 +330,7 @@ impl Drop for Watcher {
     }
 }
 
-fn cluster(tag: &str) -> Cluster {
+fn cluster(tag: &str, extra_config: &str) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let run = format!("vsf{}{tag}", std::process::id() % 100_000);
     let root = cgroup2_root();
@@ -345,7 +345,7 @@ fn cluster(tag: &str) -> Cluster {
         std::fs::write(
             &config,
             format!(
-                "profile = \"fast\"\nvserver_root = \"{}\"\ncgroup_parent = \"{parent}\"\nreplication_interval_ms = 300\n",
+                "profile = \"fast\"\nvserver_root = \"{}\"\ncgroup_parent = \"{parent}\"\n{extra_config}\n",
                 node_dir.join("vservers").display()
             ),
         )
@@ -409,7 +409,7 @@ fn failover_after_agent_death_and_after_a_stopped_agent() {
         Path::new("/bin/busybox").exists(),
         "/bin/busybox missing: run scripts/setup (busybox-static)"
     );
-    let mut c = cluster("a");
+    let mut c = cluster("a", "replication_interval_ms = 300");
     build_tree(&c);
     let init = initial(&c);
     for a in c.agents.iter_mut() {
@@ -508,5 +508,150 @@ fn failover_after_agent_death_and_after_a_stopped_agent() {
             "no {kind} event in:\n{ev}"
         );
     }
+    drop(watcher);
+}
+
+fn events(c: &Cluster) -> Vec<Value> {
+    c.ok(0, &["events", "--json"])
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+fn wait_event(c: &Cluster, kind: &str, after: u64) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    while Instant::now() < deadline {
+        if let Some(e) = events(c)
+            .into_iter()
+            .find(|e| e["kind"] == kind && e["seq"].as_u64().unwrap_or(0) > after)
+        {
+            return e;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("no {kind} event after seq {after}\n{}", c.logs());
+}
+
+fn last_seq(c: &Cluster) -> u64 {
+    events(c)
+        .iter()
+        .filter_map(|e| e["seq"].as_u64())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn health_restart_migration_drain_and_refused_takeover() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    assert!(
+        Path::new("/bin/busybox").exists(),
+        "/bin/busybox missing: run scripts/setup (busybox-static)"
+    );
+    // Rounds are rare here, so the final delta of a migration is what
+    // carries the last write; restarts never run out.
+    let mut c = cluster("b", "replication_interval_ms = 4000\nmax_restarts = 1000");
+    build_tree(&c);
+    let init = initial(&c);
+    for a in c.agents.iter_mut() {
+        a.start(&init);
+    }
+    let watcher = Watcher::start(c.agents.iter().map(|a| a.cgroup.clone()).collect());
+    c.wait_for("a leader and three members", |s| {
+        s["leader"].as_u64().unwrap_or(0) != 0
+            && s["nodes"].as_array().is_some_and(|n| n.len() == 3)
+    });
+    c.ok(
+        2,
+        &[
+            "vserver",
+            "add",
+            VS,
+            "--ip",
+            "10.77.0.50/24",
+            "--dev",
+            "vs0",
+            "--start",
+            "/bin/busybox sleep 100000",
+            "--health-cmd",
+            "/bin/busybox test ! -e /fail",
+            "--health-interval",
+            "300",
+            "--health-fall",
+            "2",
+            "--health-rise",
+            "1",
+        ],
+    );
+    c.ok(2, &["pair", "add", VS, "--primary", "1", "--standby", "2"]);
+    let s = c.wait_for("web on node 1 with a replica on node 2", |s| {
+        runs_on(s, 1, 0) && vserver(s)["runtime"]["replicas"][0]["lag_ms"].is_u64()
+    });
+    let g1 = generation(&s);
+    let tree1 = c.dir.path().join("n1/vservers").join(VS);
+
+    // Health: a failing check restarts it in place; fixed, it runs on.
+    let seq = last_seq(&c);
+    std::fs::write(tree1.join("fail"), "").unwrap();
+    let ev = wait_event(&c, "health_failed", seq);
+    assert!(
+        ev["message"].as_str().unwrap().contains("exited with 1"),
+        "{ev}"
+    );
+    wait_event(&c, "restarted", seq);
+    std::fs::remove_file(tree1.join("fail")).unwrap();
+    let s = c.wait_for("web healthy again on node 1", |s| {
+        runs_on(s, 1, 0) && vserver(s)["runtime"]["restarts"].as_u64().unwrap_or(0) >= 1
+    });
+    assert_eq!(
+        generation(&s),
+        g1,
+        "a restart in place keeps the generation"
+    );
+
+    // Planned migration: the last write before it arrives on node 2.
+    std::fs::write(tree1.join("counter"), "42\n").unwrap();
+    let out = c.ok(0, &["migrate", VS, "--to", "2"]);
+    assert!(out.contains("migrated to node 2"), "{out}");
+    let s = c.wait_for("web on node 2", |s| runs_on(s, 2, g1));
+    let g2 = generation(&s);
+    let tree2 = c.dir.path().join("n2/vservers/.replicas").join(VS);
+    assert_eq!(
+        std::fs::read_to_string(tree2.join("counter")).unwrap(),
+        "42\n",
+        "the migration lost a write"
+    );
+    assert!(c.agents[1].runs() && !c.agents[0].runs());
+
+    // Drain node 2: everything goes back to node 1.
+    c.ok(0, &["node", "drain", "2"]);
+    let s = c.wait_for("web back on node 1", |s| runs_on(s, 1, g2));
+    let g3 = generation(&s);
+    c.ok(0, &["node", "admin", "2", "active"]);
+
+    // Disable, then an address conflict: the takeover is refused with an
+    // event; once the other owner is gone, it starts.
+    c.ok(0, &["vserver", "disable", VS]);
+    c.wait_for("web stopped", |s| {
+        vserver(s)["runtime"]["state"] == "stopped"
+    });
+    assert!(!c.agents[0].runs());
+    let seq = last_seq(&c);
+    c.ns.exec(&["ip", "addr", "add", "10.77.0.50/24", "dev", "vs0p"]);
+    c.ok(0, &["vserver", "enable", VS]);
+    let ev = wait_event(&c, "takeover_refused", seq);
+    assert!(
+        ev["message"].as_str().unwrap().contains("10.77.0.50"),
+        "{ev}"
+    );
+    assert!(!c.agents[0].runs());
+    c.ns.exec(&["ip", "addr", "del", "10.77.0.50/24", "dev", "vs0p"]);
+    let s = c.wait_for("web running after the conflict is gone", |s| {
+        vserver(s)["runtime"]["state"] == "running"
+    });
+    assert_eq!(generation(&s), g3);
+    watcher.check();
     drop(watcher);
 }

@@ -373,6 +373,17 @@ fn running_state(paths: &Paths, name: &str) -> Result<RunState> {
 /// exit code.
 pub fn exec(paths: &Paths, name: &str, cmd: &[String], opts: &ExecOptions) -> Result<i32> {
     let spec = VserverSpec::load(&paths.config_dir, name)?;
+    exec_spec(paths, &spec, cmd, opts)
+}
+
+/// [`exec`] with a spec held by the caller (the agent's health commands).
+pub fn exec_spec(
+    paths: &Paths,
+    spec: &VserverSpec,
+    cmd: &[String],
+    opts: &ExecOptions,
+) -> Result<i32> {
+    let name = spec.name.as_str();
     if spec.has_flag(Flag::Private) {
         return Err(Error::invalid(
             format!("vserver {name}"),

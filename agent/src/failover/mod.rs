@@ -5,6 +5,7 @@
 pub mod clock;
 pub mod events;
 pub mod guard;
+pub mod health;
 pub mod host;
 pub mod leader;
 pub mod lease;

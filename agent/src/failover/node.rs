@@ -21,6 +21,7 @@ use crate::raft_loop::RaftHandle;
 use super::clock::mono_ms;
 use super::events::EventLog;
 use super::guard::{GuardHandle, GuardMsg};
+use super::health::{self, Tracker, Transition};
 use super::host::{Host, HostError};
 use super::leader::LeaderRuntime;
 use super::lease::NodeLease;
@@ -42,7 +43,21 @@ struct Shared {
     replicas: BTreeMap<(String, NodeId), pb::ReplicaReport>,
     /// Final syncs the leader asked for: (vserver, generation, standby).
     final_syncs: Vec<(String, u64, NodeId)>,
+    /// Health checks of running vservers that have one.
+    health: BTreeMap<String, HealthState>,
 }
+
+struct HealthState {
+    tracker: Tracker,
+    next_due_ms: u64,
+    in_flight: bool,
+    /// Healthy and running since (monotonic ms): restarts are forgotten
+    /// after [`STABLE_RESET_MS`] of this.
+    stable_since_ms: u64,
+}
+
+/// A vserver healthy this long has its restart count cleared.
+const STABLE_RESET_MS: u64 = 300_000;
 
 /// What survives an agent restart (for the `detach` policy, and so a
 /// restarted agent reports its vservers at the right generation).
@@ -99,6 +114,7 @@ impl NodeRuntime {
                 events: Vec::new(),
                 replicas: BTreeMap::new(),
                 final_syncs: Vec::new(),
+                health: BTreeMap::new(),
             }),
             guard: Mutex::new(None),
             guard_exe,
@@ -493,6 +509,7 @@ impl NodeRuntime {
                 last_health = tokio::time::Instant::now();
                 self.check_health().await;
             }
+            self.run_health_checks();
             let plan = {
                 let mut sh = self.lock();
                 let orders = std::mem::take(&mut sh.orders);
@@ -553,6 +570,154 @@ impl NodeRuntime {
                 }
                 self.event("health_failed", &name, reason);
             }
+        }
+    }
+
+    /// Starts the checks that are due, each on a thread of its own (a hung
+    /// check must not stall the node); results come back through
+    /// [`Self::health_result`].
+    fn run_health_checks(self: &Arc<Self>) {
+        let now = mono_ms();
+        let due: Vec<(String, crate::model::HealthCheck, KernelSpec)> = {
+            let mut sh = self.lock();
+            if !sh.lease.may_run(now) {
+                return;
+            }
+            // Failed ones too: a failure that clears itself shows as
+            // recovered (unless the leader restarted or moved it first).
+            let running: Vec<String> = sh
+                .local
+                .iter()
+                .filter(|(_, l)| l.may_have_processes())
+                .map(|(n, _)| n.clone())
+                .collect();
+            sh.health.retain(|n, _| running.contains(n));
+            let mut due = Vec::new();
+            for name in running {
+                let check = self
+                    .raft
+                    .read_state(|s| s.vservers.get(&name).and_then(|v| v.spec.health.clone()));
+                let (Some(check), Some(k)) = (check, sh.specs.get(&name).cloned()) else {
+                    continue;
+                };
+                if check.tcp_port == 0 && check.command.is_empty() {
+                    continue;
+                }
+                let h = sh
+                    .health
+                    .entry(name.clone())
+                    .or_insert_with(|| HealthState {
+                        tracker: Tracker::new(&check),
+                        next_due_ms: now + health::interval_ms(&check),
+                        in_flight: false,
+                        stable_since_ms: now,
+                    });
+                if h.in_flight || now < h.next_due_ms {
+                    continue;
+                }
+                h.in_flight = true;
+                h.next_due_ms = now + health::interval_ms(&check);
+                due.push((name, check, k));
+            }
+            due
+        };
+        for (name, check, k) in due {
+            let me = Arc::clone(self);
+            std::thread::spawn(move || {
+                let timeout = Duration::from_millis(health::timeout_ms(&check));
+                let r = me.probe(&k, &check, timeout);
+                me.health_result(&name, r);
+            });
+        }
+    }
+
+    fn probe(
+        self: &Arc<Self>,
+        k: &KernelSpec,
+        check: &crate::model::HealthCheck,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        if check.tcp_port != 0 {
+            let Some((ip, _)) = k.ipv4() else {
+                return Err("a TCP check needs the vserver's IP".into());
+            };
+            let addr = std::net::SocketAddr::from((ip, check.tcp_port));
+            std::net::TcpStream::connect_timeout(&addr, timeout)
+                .map_err(|e| format!("tcp {addr}: {e}"))?;
+        }
+        if !check.command.is_empty() {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (paths, k2, cmd) = (self.host.paths.clone(), k.clone(), check.command.clone());
+            std::thread::spawn(move || {
+                let opts = vsha_kernel::local::ExecOptions {
+                    stdio: vsha_kernel::context::Stdio::Log(paths.log_file(&k2.name)),
+                    ..Default::default()
+                };
+                let _ = tx.send(vsha_kernel::local::exec_spec(&paths, &k2, &cmd, &opts));
+            });
+            match rx.recv_timeout(timeout) {
+                Ok(Ok(0)) => {}
+                Ok(Ok(code)) => {
+                    return Err(format!("command {:?} exited with {code}", check.command))
+                }
+                Ok(Err(e)) => return Err(format!("command {:?}: {e}", check.command)),
+                Err(_) => {
+                    return Err(format!(
+                        "command {:?} gave no answer within {} ms",
+                        check.command,
+                        timeout.as_millis()
+                    ))
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn health_result(&self, name: &str, r: Result<(), String>) {
+        let now = mono_ms();
+        let mut ev = None;
+        {
+            let mut sh = self.lock();
+            let sh = &mut *sh;
+            let Some(h) = sh.health.get_mut(name) else {
+                return;
+            };
+            h.in_flight = false;
+            let t = h.tracker.observe(r);
+            if !h.tracker.healthy() {
+                h.stable_since_ms = now;
+            }
+            let stable_for = now.saturating_sub(h.stable_since_ms);
+            if let Some(l) = sh.local.get_mut(name) {
+                match t {
+                    Some(Transition::BecameUnhealthy { reason }) => {
+                        if l.state == LocalState::Running {
+                            l.state = LocalState::Failed {
+                                reason: reason.clone(),
+                            };
+                            ev = Some(("health_failed", reason));
+                        }
+                    }
+                    Some(Transition::BecameHealthy) => {
+                        if matches!(l.state, LocalState::Failed { .. }) {
+                            l.state = LocalState::Running;
+                            ev = Some(("health_recovered", "health checks pass again".into()));
+                        }
+                    }
+                    None => {}
+                }
+                if l.state == LocalState::Running && l.restarts > 0 && stable_for >= STABLE_RESET_MS
+                {
+                    l.restarts = 0;
+                    ev = Some((
+                        "health_stable",
+                        "healthy for 5 minutes: restart count cleared".into(),
+                    ));
+                }
+            }
+        }
+        if let Some((kind, msg)) = ev {
+            self.event(kind, name, msg);
         }
     }
 
@@ -630,6 +795,7 @@ impl NodeRuntime {
                     },
                 );
                 sh.specs.insert(name.to_string(), k);
+                sh.health.remove(name);
                 drop(sh);
                 self.persist();
                 let mut ev = EventLog::event(

@@ -95,6 +95,11 @@ pub struct Contract {
     /// later renewal, and resends it with every answer (the runtime in
     /// `failover/leader.rs` sends each order in one answer only).
     pub orders_until_acked: bool,
+    /// The leader drops queued `Start`/`Restart` orders for a vserver at a
+    /// generation the controller fenced (its `Fence` command), and every
+    /// order older than the placement it has applied, before sending them
+    /// (`failover/leader.rs` does neither).
+    pub purge_stale_orders: bool,
 }
 
 impl Contract {
@@ -102,11 +107,14 @@ impl Contract {
     pub const RUNTIME: Contract = Contract {
         reports_placed_here: false,
         orders_until_acked: false,
+        purge_stale_orders: false,
     };
-    /// Orders survive lost answers.
-    pub const RELIABLE: Contract = Contract {
+    /// The runtime with the fixes the simulation found necessary: orders
+    /// survive lost answers, and never outlive their generation.
+    pub const FIXED: Contract = Contract {
         reports_placed_here: true,
         orders_until_acked: true,
+        purge_stale_orders: true,
     };
 }
 

@@ -62,6 +62,10 @@ pub struct Node {
     /// Raft: this node believes it leads this term.
     pub leader_term: Option<u64>,
     pub quorum_lost_since: Option<u64>,
+    /// The renewal in flight (one at a time, as the runtime): its send
+    /// time on this node's clock and the global time its answer is given
+    /// up at.
+    pub renewing: Option<(u64, u64)>,
     pub ctl: Controller,
     /// `BecameLeader` was fed (and no `LostLeadership` since).
     pub ctl_leader: bool,
@@ -104,6 +108,7 @@ impl Node {
             known_leader: None,
             leader_term: None,
             quorum_lost_since: None,
+            renewing: None,
             ctl: Controller::new(cfg),
             ctl_leader: false,
             outbox: BTreeMap::new(),
@@ -126,6 +131,7 @@ impl Node {
         self.known_leader = None;
         self.leader_term = None;
         self.quorum_lost_since = None;
+        self.renewing = None;
         self.ctl = Controller::new(cfg);
         self.ctl_leader = false;
         self.outbox.clear();

@@ -45,6 +45,7 @@ pub enum Msg {
         from: NodeId,
         to: NodeId,
         sent_at: u64,
+        /// The lease granted; 0 = refused (not the confirmed leader).
         granted_ms: u64,
         term: u64,
         orders: Vec<Queued>,
@@ -496,7 +497,11 @@ impl Sim {
             return;
         }
         let mono = n.clock.at(self.now);
-        if let Some(to) = n.known_leader {
+        let busy = n.renewing.is_some_and(|(_, give_up)| self.now < give_up);
+        if let (Some(to), false) = (n.known_leader, busy) {
+            let give_up = self.now + (self.t.lease_ms / 2).max(self.t.heartbeat_ms);
+            self.nodes.get_mut(&id).expect("node").renewing = Some((mono, give_up));
+            let n = &self.nodes[&id];
             let reports = n.reports(self.c.reports_placed_here);
             let acked = n.order_ack;
             self.send(Msg::Renew {
@@ -733,6 +738,18 @@ impl Sim {
             } => {
                 let n = self.nodes.get_mut(&to).expect("node");
                 let mono = n.clock.at(self.now);
+                // The answer to the renewal in flight, before it was given
+                // up; anything else is discarded (the RPC timed out).
+                let current = n
+                    .renewing
+                    .is_some_and(|(sent, give_up)| sent == sent_at && self.now <= give_up);
+                if !current {
+                    return;
+                }
+                n.renewing = None;
+                if granted_ms == 0 {
+                    return;
+                }
                 n.lease.renewed(sent_at, granted_ms);
                 for (seq, action, vserver, generation) in orders {
                     if (term, seq) <= n.order_ack {
@@ -793,6 +810,14 @@ impl Sim {
             && self.raft.leader == Some(l)
             && self.raft.has_quorum(l, &alive, &self.net);
         if !confirmed {
+            self.send(Msg::Grant {
+                from: l,
+                to: from,
+                sent_at,
+                granted_ms: 0,
+                term: 0,
+                orders: Vec::new(),
+            });
             return;
         }
         let now = Now {
@@ -807,6 +832,19 @@ impl Sim {
         }
         let cmds = n.ctl.take_commands();
         let term = self.raft.term;
+        if self.c.purge_stale_orders {
+            let state = &n.state;
+            let current = |v: &str| {
+                state
+                    .vservers
+                    .get(v)
+                    .and_then(|v| v.placement.as_ref())
+                    .map_or(0, |p| p.generation)
+            };
+            if let Some(q) = n.outbox.get_mut(&from) {
+                q.retain(|o| o.3 >= current(&o.2));
+            }
+        }
         let orders = if self.c.orders_until_acked {
             let q = n.outbox.entry(from).or_default();
             q.retain(|o| (term, o.0) > acked);
@@ -873,6 +911,18 @@ impl Sim {
                 node,
                 generation,
             } => (OrderAction::Restart, vserver, *node, *generation),
+            Cmd::Fence {
+                vserver,
+                generation,
+                ..
+            } if self.c.purge_stale_orders => {
+                self.log(format!("n{l} leader: {c}"));
+                let n = self.nodes.get_mut(&l).expect("node");
+                for q in n.outbox.values_mut() {
+                    q.retain(|o| &o.2 != vserver || o.3 > *generation || o.1 == OrderAction::Stop);
+                }
+                return;
+            }
             Cmd::Fence { .. } | Cmd::Alert(_) => {
                 self.log(format!("n{l} leader: {c}"));
                 return;
@@ -883,6 +933,12 @@ impl Sim {
         let vserver = vserver.clone();
         self.log(format!("n{l} leader: {c}"));
         let n = self.nodes.get_mut(&l).expect("node");
+        if self.c.purge_stale_orders && action == OrderAction::Stop {
+            // A Stop supersedes the Start/Restart still queued before it.
+            if let Some(q) = n.outbox.get_mut(&node) {
+                q.retain(|o| o.2 != vserver || o.1 == OrderAction::Stop);
+            }
+        }
         n.order_seq += 1;
         let entry = (n.order_seq, action, vserver, generation);
         n.outbox.entry(node).or_default().push(entry);

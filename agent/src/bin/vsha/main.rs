@@ -179,6 +179,21 @@ struct VserverAdd {
     /// Refuse an automatic failover to a standby whose replica is older.
     #[arg(long, value_name = "SECS")]
     max_rpo: Option<u64>,
+    /// Health check: TCP connect to the vserver's IP on this port.
+    #[arg(long, value_name = "PORT")]
+    health_tcp: Option<u32>,
+    /// Health check: this command inside the context must exit 0.
+    #[arg(long, value_name = "\"CMD ARGS\"")]
+    health_cmd: Option<String>,
+    /// Health check interval (default 2000).
+    #[arg(long, value_name = "MS")]
+    health_interval: Option<u32>,
+    /// Failed checks in a row before the vserver counts as failed (default 3).
+    #[arg(long, value_name = "N")]
+    health_fall: Option<u32>,
+    /// Good checks in a row before it counts as healthy again (default 2).
+    #[arg(long, value_name = "N")]
+    health_rise: Option<u32>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -401,6 +416,20 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
                     .map(|s| s.split_whitespace().map(str::to_string).collect())
                     .unwrap_or_default(),
                 max_rpo_ms: a.max_rpo.unwrap_or(0).saturating_mul(1000),
+                health: (a.health_tcp.is_some() || a.health_cmd.is_some()).then(|| {
+                    pb::HealthCheck {
+                        tcp_port: a.health_tcp.unwrap_or(0),
+                        command: a
+                            .health_cmd
+                            .as_deref()
+                            .map(|c| c.split_whitespace().map(str::to_string).collect())
+                            .unwrap_or_default(),
+                        interval_ms: a.health_interval.unwrap_or(0),
+                        timeout_ms: 0,
+                        rise: a.health_rise.unwrap_or(0),
+                        fall: a.health_fall.unwrap_or(0),
+                    }
+                }),
                 ..Default::default()
             };
             let info = c
