@@ -690,21 +690,21 @@ impl NodeRuntime {
             let stable_for = now.saturating_sub(h.stable_since_ms);
             if let Some(l) = sh.local.get_mut(name) {
                 match t {
-                    Some(Transition::BecameUnhealthy { reason }) => {
-                        if l.state == LocalState::Running {
-                            l.state = LocalState::Failed {
-                                reason: reason.clone(),
-                            };
-                            ev = Some(("health_failed", reason));
-                        }
+                    Some(Transition::BecameUnhealthy { reason })
+                        if l.state == LocalState::Running =>
+                    {
+                        l.state = LocalState::Failed {
+                            reason: reason.clone(),
+                        };
+                        ev = Some(("health_failed", reason));
                     }
-                    Some(Transition::BecameHealthy) => {
-                        if matches!(l.state, LocalState::Failed { .. }) {
-                            l.state = LocalState::Running;
-                            ev = Some(("health_recovered", "health checks pass again".into()));
-                        }
+                    Some(Transition::BecameHealthy)
+                        if matches!(l.state, LocalState::Failed { .. }) =>
+                    {
+                        l.state = LocalState::Running;
+                        ev = Some(("health_recovered", "health checks pass again".into()));
                     }
-                    None => {}
+                    _ => {}
                 }
                 if l.state == LocalState::Running && l.restarts > 0 && stable_for >= STABLE_RESET_MS
                 {
