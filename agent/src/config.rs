@@ -367,6 +367,17 @@ pub fn parse_initial_cluster(
                 format!("{id:?} is not a node id (1 or more)"),
             )
         })?;
+        // `ID=HOST:PORT/witness`: a voter that runs no vservers.
+        let (addr, role) = match addr.trim().split_once('/') {
+            None => (addr, Role::Voter),
+            Some((a, "witness")) => (a, Role::Witness),
+            Some((_, other)) => {
+                return Err(field(
+                    "initial_cluster",
+                    format!("{part:?}: role {other:?} is not \"witness\" (initial members vote)"),
+                ))
+            }
+        };
         let addr = validate::addr("initial_cluster", addr)
             .map_err(|e| field("initial_cluster", e.to_string()))?;
         if out.iter().any(|n| n.id == id) {
@@ -384,7 +395,7 @@ pub fn parse_initial_cluster(
         out.push(NodeRecord {
             id,
             addr,
-            role: Role::Voter,
+            role,
             iface: String::new(),
             admin: AdminState::Active,
         });
@@ -496,7 +507,20 @@ mod tests {
         let ok = parse_initial_cluster("1=127.0.0.1:7700, 2=127.0.0.2:7700", 1, "127.0.0.1:7700")
             .unwrap();
         assert_eq!(ok.len(), 2);
+        let w = parse_initial_cluster(
+            "1=127.0.0.1:7700,2=127.0.0.2:7700,3=127.0.0.3:7700/witness",
+            1,
+            "127.0.0.1:7700",
+        )
+        .unwrap();
+        assert_eq!(w[2].role, Role::Witness);
+        assert_eq!(w[2].addr, "127.0.0.3:7700");
         for (s, me, addr) in [
+            (
+                "1=127.0.0.1:7700,2=127.0.0.2:7700/boss",
+                1,
+                "127.0.0.1:7700",
+            ),
             ("1=127.0.0.1:7700,1=127.0.0.2:7700", 1, "127.0.0.1:7700"),
             ("1=127.0.0.1:7700,2=127.0.0.1:7700", 1, "127.0.0.1:7700"),
             ("2=127.0.0.2:7700", 1, "127.0.0.1:7700"),

@@ -371,10 +371,15 @@ fn cluster(tag: &str, extra_config: &str) -> Cluster {
     }
 }
 
+/// Node 3 is a witness: it votes, so the two-node pair 1+2 keeps a
+/// majority when either dies, and it never runs the vserver.
 fn initial(c: &Cluster) -> String {
     c.agents
         .iter()
-        .map(|a| format!("{}={}", a.id, a.addr))
+        .map(|a| {
+            let role = if a.id == 3 { "/witness" } else { "" };
+            format!("{}={}{role}", a.id, a.addr)
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
@@ -497,6 +502,15 @@ fn failover_after_agent_death_and_after_a_stopped_agent() {
     let s = c.wait_for("web still on node 1", |s| runs_on(s, 1, g2));
     assert_eq!(generation(&s), g3);
     assert!(!c.agents[1].runs());
+    assert!(!c.agents[2].runs(), "the witness ran the vserver");
+    let s = c.status().unwrap();
+    let witness = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["id"] == 3)
+        .unwrap();
+    assert_eq!(witness["role"], "witness");
     watcher.check();
 
     // The events tell the story.
