@@ -143,6 +143,8 @@ pub struct FailoverSettings {
     pub detach_on_agent_death: bool,
     /// Pause between replication rounds of one vserver to one standby.
     pub replication_interval: Duration,
+    /// The lease renewal interval (= `heartbeat_interval_ms`).
+    pub renew_ms: u64,
 }
 
 impl AgentConfig {
@@ -329,6 +331,7 @@ impl AgentConfig {
             notify_command: f.notify_command.unwrap_or_default(),
             detach_on_agent_death,
             replication_interval: Duration::from_millis(f.replication_interval_ms.unwrap_or(1000)),
+            renew_ms: heartbeat_interval_ms,
         };
         Ok(AgentConfig {
             node_id,

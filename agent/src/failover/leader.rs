@@ -607,7 +607,21 @@ impl LeaderRuntime {
                     } else if g.held.contains_key(name) {
                         rt.phase = "final sync before the move".into();
                     } else if !g.ctl.lease_alive(node, now) {
-                        rt.phase = "waiting for lease expiry".into();
+                        // The lease ran out; the margin is still running,
+                        // or no standby qualifies (then an alert says why).
+                        let left = expiry.map_or(0, |e| e.saturating_sub(now.mono_ms));
+                        rt.phase = if left > 0 {
+                            "waiting for lease expiry".into()
+                        } else {
+                            "checking replica".into()
+                        };
+                        rt.phase_ms_left = left;
+                    } else if g
+                        .ctl
+                        .last_renewal_ms(node)
+                        .is_some_and(|t| now.mono_ms.saturating_sub(t) > 2 * self.settings.renew_ms)
+                    {
+                        rt.phase = format!("detecting (node {node} missed renewals)");
                         rt.phase_ms_left = expiry.map_or(0, |e| e.saturating_sub(now.mono_ms));
                     } else if rt.observed == "unknown" || rt.observed == "stopped" {
                         rt.phase = "starting".into();
