@@ -366,3 +366,11 @@ pub(crate) fn copy_xattrs_fd(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, whole: &[
     }
     Ok(())
 }
+
+/// Start writing a file just written back to disk now (and drop its pages
+/// once clean): the receiver's files are not read again soon, and the
+/// commit's `syncfs` then has little left to flush, instead of the whole
+/// round's data sitting dirty in the page cache until then. Best effort.
+pub(crate) fn start_writeback(fd: BorrowedFd<'_>) {
+    let _ = rustix::fs::fadvise(fd, 0, None, rustix::fs::Advice::DontNeed);
+}

@@ -1008,7 +1008,6 @@ impl Store {
         mut c: Cached,
         jlen: u64,
     ) -> Result<()> {
-        rustix::fs::syncfs(tree).ctx("syncfs", self.dir.clone())?;
         let fd = rustix::fs::openat(
             tree,
             "journal",
@@ -1100,6 +1099,8 @@ enum Job {
         name: Vec<u8>,
         entry: Entry,
         data: Vec<u8>,
+        /// fsync it (a staged round: made durable file by file, not by syncfs).
+        durable: bool,
     },
 }
 
@@ -1110,6 +1111,7 @@ fn run_job(job: Job) -> Result<()> {
             name,
             entry,
             data,
+            durable,
         } => {
             // Checked here, in parallel; a mismatch fails the round at the
             // next submit or barrier.
@@ -1120,7 +1122,13 @@ fn run_job(job: Job) -> Result<()> {
             }
             let mut f = fsops::create_file(dir.as_fd(), &name, &entry.path)?;
             f.write_all(&data).ctx("write", fsops::p(&entry.path))?;
-            fsops::apply_meta_fd(f.as_fd(), &entry, true)
+            fsops::apply_meta_fd(f.as_fd(), &entry, true)?;
+            if durable {
+                f.sync_all().ctx("fsync", fsops::p(&entry.path))?;
+            } else {
+                fsops::start_writeback(f.as_fd());
+            }
+            Ok(())
         }
     }
 }
@@ -1535,6 +1543,9 @@ impl<'a> Applier<'a> {
                         let mut f = fsops::create_file(dir.as_fd(), &name, &e.path)?;
                         copy_all(&mut src, &mut f, &e.path)?;
                         fsops::apply_meta_fd(f.as_fd(), &e, true)?;
+                        if stage.is_some() {
+                            f.sync_all().ctx("fsync", fsops::p(&e.path))?;
+                        }
                     }
                     self.push(e, stage);
                     Ok(None)
@@ -1562,6 +1573,9 @@ impl<'a> Applier<'a> {
                         let mut f = fsops::create_file(dir.as_fd(), &name, &e.path)?;
                         copy_all(&mut src, &mut f, &e.path)?;
                         fsops::apply_meta_fd(f.as_fd(), &e, true)?;
+                        if stage.is_some() {
+                            f.sync_all().ctx("fsync", fsops::p(&e.path))?;
+                        }
                     }
                     self.stats.unified_bytes += e.size;
                     self.push(e, stage);
@@ -1594,6 +1608,7 @@ impl<'a> Applier<'a> {
             name,
             entry: e.clone(),
             data,
+            durable: stage.is_some(),
         })?;
         self.push(e, stage);
         Ok(())
@@ -1709,6 +1724,11 @@ impl<'a> Applier<'a> {
         file.set_len(entry.size)
             .ctx("truncate", fsops::p(&entry.path))?;
         fsops::apply_meta_fd(file.as_fd(), &entry, true)?;
+        if stage.is_some() {
+            file.sync_all().ctx("fsync", fsops::p(&entry.path))?;
+        } else {
+            fsops::start_writeback(file.as_fd());
+        }
         self.push(entry, stage);
         Ok(())
     }
@@ -1869,6 +1889,15 @@ impl<'a> Applier<'a> {
             .and_then(|()| {
                 live.clear();
                 undo::set_dir_mtimes(&touched, &c.index, live)
+            })
+            .and_then(|()| {
+                // Durability of the applied round, O(changes): the staged
+                // files were fsynced as written; now the directories whose
+                // entries changed, the undo area. (No syncfs: on a shared
+                // machine it would flush everyone's dirty data.)
+                live.clear();
+                undo::fsync_dirs(&touched, &c.index, live)?;
+                rustix::fs::fsync(&sd).ctx("fsync", PathBuf::from("undo"))
             })
             .and_then(|()| {
                 self.store

@@ -324,6 +324,25 @@ pub(crate) fn set_dir_mtimes(
     Ok(())
 }
 
+/// fsync each of `dirs` that `index` holds as a directory.
+pub(crate) fn fsync_dirs(
+    dirs: &[Vec<u8>],
+    index: &crate::scan::Index,
+    tree: &mut DirCache,
+) -> Result<()> {
+    for d in dirs {
+        if !index.get(d).is_some_and(|e| e.kind == Kind::Dir) {
+            continue;
+        }
+        match tree.dir(d) {
+            Ok(fd) => rustix::fs::fsync(fd).ctx("fsync", fsops::p(d))?,
+            Err(SyncError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Copy `name` in `from` to `to_name` in `to`: directories are re-created
 /// with their metadata, everything else hardlinked.
 pub(crate) fn link_copy(
