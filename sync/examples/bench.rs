@@ -354,6 +354,12 @@ fn ratio(what: &str, ours: f64, theirs: f64, target: &str, met: bool) {
 }
 
 fn main() {
+    if std::env::var("RUST_LOG").is_ok() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     let full = std::env::var("VSHA_BENCH_FULL").is_ok();
     // VSHA_BENCH_CASES=a,b,c,d,e,deb selects cases (default: all).
     let cases = std::env::var("VSHA_BENCH_CASES").unwrap_or_else(|_| "a,b,c,d,e,deb".into());
@@ -647,6 +653,7 @@ fn main() {
             }
         });
         let mut rounds: Vec<(Instant, Instant)> = Vec::new(); // (scan start, commit)
+        let mut durs: Vec<(f64, f64)> = Vec::new(); // (round, scan) per sender stats
         let t_end = Instant::now() + Duration::from_secs(lag_secs);
         while Instant::now() < t_end {
             let start = Instant::now();
@@ -654,7 +661,11 @@ fn main() {
                 &lsrc, &ours.addr, "main", None, &jopts, lstate,
             ));
             lstate = st;
-            r.expect("lag round");
+            let r = r.expect("lag round");
+            durs.push((
+                r.round_duration.as_secs_f64(),
+                r.scan_duration.as_secs_f64(),
+            ));
             rounds.push((start, Instant::now()));
             if let Some(j) = lstate.journal.as_ref() {
                 j.wait(Duration::from_millis(200));
@@ -687,6 +698,13 @@ fn main() {
                 p(0.5),
                 p(0.99),
                 lags[lags.len() - 1]
+            );
+            let n = durs.len().max(1) as f64;
+            println!(
+                "    sender round duration mean {:.3} s (max {:.3} s), of which scan mean {:.3} s",
+                durs.iter().map(|d| d.0).sum::<f64>() / n,
+                durs.iter().map(|d| d.0).fold(0.0, f64::max),
+                durs.iter().map(|d| d.1).sum::<f64>() / n,
             );
             println!(
                 "RATIO (e) lag p99 {:.3} s                                target <= 1 s       {}",

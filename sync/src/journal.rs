@@ -185,9 +185,15 @@ impl Journal {
         if std::mem::take(&mut self.overflowed) | std::mem::take(&mut self.undecodable) {
             return Ok(None);
         }
+        // Map only the inodes the events name (one pass, no per-entry allocation).
+        let wanted: HashSet<u64> = recs.iter().map(|r| r.ino).collect();
         let mut by_ino: HashMap<u64, Vec<usize>> = HashMap::new();
-        for (i, e) in prev.entries.iter().enumerate() {
-            by_ino.entry(e.ino).or_default().push(i);
+        if !wanted.is_empty() {
+            for (i, e) in prev.entries.iter().enumerate() {
+                if wanted.contains(&e.ino) {
+                    by_ino.entry(e.ino).or_default().push(i);
+                }
+            }
         }
         let mut dirs = HashSet::new();
         for r in recs {

@@ -145,51 +145,53 @@ impl SenderState {
 
 /// Scan the source for a round: through the journal when it has a clean
 /// record since the last round, else in full.
+#[allow(clippy::too_many_arguments)] // disjoint borrows of SenderState
 pub(crate) fn scan_for_round(
     src: &Path,
-    state: &mut SenderState,
+    last: Option<&Index>,
+    journal: &mut Option<crate::journal::Journal>,
+    needs_full: &mut bool,
+    fallbacks: &mut u64,
     want_journal: bool,
     cache: Option<&Index>,
     want: crate::scan::Want<'_>,
 ) -> Result<(Index, bool)> {
-    if want_journal && state.journal.is_none() {
+    if want_journal && journal.is_none() {
         match crate::journal::Journal::start(src) {
-            Ok(j) => state.journal = Some(j),
+            Ok(j) => *journal = Some(j),
             Err(e) => {
                 tracing::warn!(error = %e, "change journal unavailable; full scans");
-                state.fallbacks += 1;
+                *fallbacks += 1;
             }
         }
     }
-    if std::mem::take(&mut state.needs_full) {
-        if let Some(j) = state.journal.as_mut() {
+    if std::mem::take(needs_full) {
+        if let Some(j) = journal.as_mut() {
             j.drain();
         }
-        let cache = state.last.as_ref().or(cache);
-        let (idx, _) = crate::scan::scan_with(src, cache, want)?;
+        let (idx, _) = crate::scan::scan_with(src, last.or(cache), want)?;
         return Ok((idx, true));
     }
-    if let (Some(j), Some(prev)) = (state.journal.as_mut(), state.last.as_ref()) {
+    if let (Some(j), Some(prev)) = (journal.as_mut(), last) {
         match j.changed_dirs(prev) {
             Ok(Some(dirs)) => {
                 let (idx, _) = crate::scan::rescan_dirs(src, prev, &dirs, want)?;
                 return Ok((idx, false));
             }
             Ok(None) => {
-                state.fallbacks += 1;
+                *fallbacks += 1;
                 tracing::info!("change journal overflowed or saw unknown objects; full scan");
             }
             Err(e) => {
-                state.fallbacks += 1;
+                *fallbacks += 1;
                 tracing::warn!(error = %e, "change journal failed; full scan");
             }
         }
-    } else if let Some(j) = state.journal.as_mut() {
+    } else if let Some(j) = journal.as_mut() {
         // First round: drain what happened before, the full scan covers it.
         j.drain();
     }
-    let cache = state.last.as_ref().or(cache);
-    let (idx, _) = crate::scan::scan_with(src, cache, want)?;
+    let (idx, _) = crate::scan::scan_with(src, last.or(cache), want)?;
     Ok((idx, true))
 }
 
@@ -283,12 +285,15 @@ fn send_round_inner(
             )))
         }
     };
-    let remote: Index = if rdigest == [0; 32] {
+    // Borrowed, not copied: the receiver's manifest is usually our last index.
+    let empty = Index::default();
+    let received: Index;
+    let remote: &Index = if rdigest == [0; 32] {
         peer.send(Frame::HaveManifest)?;
-        Index::default()
+        &empty
     } else if state.last.as_ref().is_some_and(|l| l.digest == rdigest) {
         peer.send(Frame::HaveManifest)?;
-        state.last.clone().unwrap_or_default()
+        state.last.as_ref().unwrap_or(&empty)
     } else {
         peer.send(Frame::NeedManifest)?;
         let mut v = Vec::new();
@@ -316,7 +321,8 @@ fn send_round_inner(
                 "receiver manifest does not match its digest".into(),
             ));
         }
-        i
+        received = i;
+        &received
     };
     // Hash during the scan only what could match something the receiver
     // holds (same path or same size); the rest is hashed as it is sent.
@@ -336,7 +342,16 @@ fn send_round_inner(
                 None => remote_sizes.contains(&e.size),
             }
     };
-    let (idx, full) = scan_for_round(src, state, opts.journal, Some(&remote), &want)?;
+    let (idx, full) = scan_for_round(
+        src,
+        state.last.as_ref(),
+        &mut state.journal,
+        &mut state.needs_full,
+        &mut state.fallbacks,
+        opts.journal,
+        Some(remote),
+        &want,
+    )?;
     let scan_duration = t_scan.elapsed();
     let mut stats = RoundStats {
         entries: idx.entries.len() as u64,

@@ -1736,7 +1736,9 @@ impl<'a> Applier<'a> {
     /// All changes received: check the digest, apply, commit. Returns the
     /// new sequence number.
     pub(crate) fn finish(mut self, digest: [u8; 32], count: u64) -> Result<(u64, ApplyStats)> {
+        let t0 = std::time::Instant::now();
         self.workers.barrier()?;
+        let t_barrier = t0.elapsed();
         for from in &self.linked_old {
             let gone = self
                 .changes
@@ -1872,6 +1874,7 @@ impl<'a> Applier<'a> {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
+        let t_logged = t0.elapsed();
         let r = match fault {
             Some((after, crash)) => {
                 let n = after.min(ops.len());
@@ -1924,6 +1927,14 @@ impl<'a> Applier<'a> {
             fsops::remove_tree(ud.as_fd(), lname.as_bytes())?;
             return Err(e);
         }
+        tracing::debug!(
+            name = %self.name,
+            ops = ops.len(),
+            barrier_ms = t_barrier.as_millis() as u64,
+            merged_and_logged_ms = (t_logged - t_barrier).as_millis() as u64,
+            applied_and_committed_ms = (t0.elapsed() - t_logged).as_millis() as u64,
+            "round applied"
+        );
         Ok((seq, self.stats))
     }
 
