@@ -54,15 +54,13 @@
 //!   reordered.
 //! - **Runtime contract** (`config::Contract`), where the pure code
 //!   leaves the runtime a choice. `RUNTIME` is what `failover/leader.rs`
-//!   and `failover/node.rs` do today: renewals report local copies only,
-//!   each order goes out in one answer and is lost with it, queued orders
-//!   are never dropped before they go out. `FIXED` adds what the
-//!   simulation showed necessary (see the ignored `bug_*` tests): a
-//!   `Stopped` report for a vserver placed on the node that does not run
-//!   there, orders resent until a later renewal acknowledges them, and
-//!   queued `Start`/`Restart` orders dropped when the controller fences
-//!   their generation or the leader has applied a newer placement. The
-//!   main test runs `FIXED`.
+//!   and `failover/node.rs` do: a `Stopped` report for a vserver placed on
+//!   the node that does not run there, orders resent until a later renewal
+//!   acknowledges them, and queued `Start`/`Restart` orders dropped when
+//!   the controller fences their generation, the leader has applied a
+//!   newer placement, or a `Stop` supersedes them. `FIRST` is the runtime
+//!   as first written, without those; the simulation found it unsafe (the
+//!   `regression_*` tests replay the seeds that showed it).
 //! - **Nodes** run `plan` every heartbeat and right after an answer, on
 //!   what really exists (the supervisor's view). Start = IP up and
 //!   processes running at once (the ARP probe is abstracted away); a hard
@@ -151,14 +149,14 @@ fn run_all(seeds: Vec<u64>, f: Faults, c: Contract) {
 /// Every invariant, with a runtime whose orders survive lost answers.
 #[test]
 fn failover_is_safe_and_recovers_under_faults() {
-    run_all(seeds(24, 0), Faults::default(), Contract::FIXED);
+    run_all(seeds(24, 0), Faults::default(), Contract::RUNTIME);
 }
 
 /// Runs seeds 1..=n of a broken configuration; returns how many were
 /// caught by `never_two_running`.
 fn caught(n: u64, t: Timing, f: Faults) -> usize {
     (1..=n)
-        .filter_map(|seed| run(seed, t, f, Contract::FIXED).err())
+        .filter_map(|seed| run(seed, t, f, Contract::RUNTIME).err())
         .inspect(|e| eprintln!("seed {}: {:?}: {}", e.seed, e.all, e.detail))
         .filter(|e| e.all.contains(&checks::NEVER_TWO_RUNNING))
         .count()
@@ -193,14 +191,14 @@ fn no_drift_margin_is_caught() {
 
 fn contract_from_env() -> Contract {
     match std::env::var("VSHA_SIM_CONTRACT").as_deref() {
-        Ok("runtime") => Contract::RUNTIME,
-        _ => Contract::FIXED,
+        Ok("first") => Contract::FIRST,
+        _ => Contract::RUNTIME,
     }
 }
 
 /// A tool, not a check: lists every failing seed instead of stopping at
 /// the first, with the contract named by `VSHA_SIM_CONTRACT`
-/// (`runtime` or `fixed`, the default), printing the full failure when a
+/// (`first`, or the runtime's by default), printing the full failure when a
 /// single seed is given with `VSHA_SIM_SEED`.
 #[test]
 #[ignore = "tool: cargo test --test failover_sim scan_seeds -- --ignored --nocapture"]
@@ -220,10 +218,10 @@ fn scan_seeds() {
     eprintln!("{c:?}: {} failing seeds: {failed:?}", failed.len());
 }
 
-// ---- bugs found in the code under test, kept as failing seeds ----
+// ---- seeds that showed bugs in the first runtime, now regression tests ----
 
-/// The runtime's contract (`failover/leader.rs`, `failover/node.rs`) as it
-/// is today, only the safety invariants.
+/// The runtime's contract (`failover/leader.rs`, `failover/node.rs`), only
+/// the safety invariants.
 fn runtime_safety(seed: u64) {
     let f = Faults {
         check_recovery: false,
@@ -251,8 +249,7 @@ fn runtime_liveness(seed: u64) {
 /// granted, receives the stale `Start gen 3` with the answer and starts it
 /// (10641) while n6 starts gen 4 (10768).
 #[test]
-#[ignore = "bug: a Start queued in the leader's outbox before a failover is handed out after it, to a node that has not applied the move: two copies run"]
-fn bug_stale_outbox_start_after_failover_seed_98() {
+fn regression_stale_outbox_start_after_failover_seed_98() {
     runtime_safety(98);
 }
 
@@ -263,8 +260,7 @@ fn bug_stale_outbox_start_after_failover_seed_98() {
 /// the answer) as the stop, proposes the move, and n1 starts gen 2 while n3
 /// still runs gen 1.
 #[test]
-#[ignore = "bug: Start then Stop in one batch of orders leaves the copy running, and the planned move trusts a Stopped report older than the Stop: two copies run"]
-fn bug_start_and_stop_in_one_answer_seed_89() {
+fn regression_start_and_stop_in_one_answer_seed_89() {
     runtime_safety(89);
 }
 
@@ -273,7 +269,25 @@ fn bug_start_and_stop_in_one_answer_seed_89() {
 /// Start only after a `Stopped` report at that generation: vs3 never runs
 /// again while n6 keeps its lease.
 #[test]
-#[ignore = "bug: a lost Start to a node without a local copy is never sent again: the vserver stays down for good"]
-fn bug_lost_start_never_resent_seed_6() {
+fn regression_lost_start_never_resent_seed_6() {
     runtime_liveness(6);
+}
+
+/// The regression seeds still tell: the first runtime's contract fails
+/// them (with today's `node_plan`, which alone no longer lets a Stop and a
+/// Start of one answer both run).
+#[test]
+fn the_first_runtime_fails_the_regression_seeds() {
+    let f = Faults {
+        check_recovery: false,
+        ..Faults::default()
+    };
+    assert!(
+        run(98, Timing::default(), f, Contract::FIRST).is_err(),
+        "seed 98 no longer shows the stale outbox start"
+    );
+    assert!(
+        run(6, Timing::default(), Faults::default(), Contract::FIRST).is_err(),
+        "seed 6 no longer shows the lost start"
+    );
 }

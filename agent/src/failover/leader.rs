@@ -1,8 +1,9 @@
 //! The leader's half of failover: grants leases, feeds the pure
 //! [`Controller`] with what the heartbeats carry, and carries out its
 //! commands — placements become raft proposals, start/stop/restart orders
-//! wait in a per-node outbox for that node's next heartbeat, fences and
-//! alerts become events. Every agent holds one; it acts only while its
+//! wait in a per-node outbox and go out with every answer to that node's
+//! renewals until it acknowledges them (a Stop supersedes queued Starts; a
+//! fence or a newer placement voids them), fences and alerts become events. Every agent holds one; it acts only while its
 //! node leads.
 
 use std::collections::BTreeMap;
@@ -47,9 +48,14 @@ struct HeldProposal {
     since_unix_ms: u64,
 }
 
+fn is_start(o: &pb::Order) -> bool {
+    o.action == "start" || o.action == "restart"
+}
+
 struct Inner {
     ctl: Controller,
     leading_term: Option<u64>,
+    order_seq: u64,
     outbox: BTreeMap<NodeId, Vec<pb::Order>>,
     reports: BTreeMap<(String, NodeId), pb::VserverReport>,
     replicas: BTreeMap<(String, NodeId), pb::ReplicaReport>,
@@ -58,6 +64,20 @@ struct Inner {
     alerts: BTreeMap<String, String>,
     /// (vserver, node) → source time last written to the raft log.
     recorded: BTreeMap<(String, NodeId), u64>,
+}
+
+impl Inner {
+    fn queue(&mut self, node: NodeId, action: &str, vserver: String, generation: u64) {
+        self.order_seq += 1;
+        let order = pb::Order {
+            action: action.to_string(),
+            vserver,
+            generation,
+            term: self.leading_term.unwrap_or(0),
+            seq: self.order_seq,
+        };
+        self.outbox.entry(node).or_default().push(order);
+    }
 }
 
 pub struct LeaderRuntime {
@@ -92,6 +112,7 @@ impl LeaderRuntime {
             inner: Mutex::new(Inner {
                 ctl,
                 leading_term: None,
+                order_seq: 0,
                 outbox: BTreeMap::new(),
                 reports: BTreeMap::new(),
                 replicas: BTreeMap::new(),
@@ -200,7 +221,22 @@ impl LeaderRuntime {
                 }
             }
         });
-        resp.orders = inner.outbox.remove(&node).unwrap_or_default();
+        // Orders stay queued until the node acknowledges them, and go out
+        // again with every answer; those behind the applied placement are
+        // dropped.
+        let acked = (hb.acked_term, hb.acked_seq);
+        let q = inner.outbox.entry(node).or_default();
+        self.raft.read_state(|s| {
+            q.retain(|o| {
+                let current = s
+                    .vservers
+                    .get(&o.vserver)
+                    .and_then(|v| v.placement.as_ref())
+                    .map_or(0, |p| p.generation);
+                (o.term, o.seq) > acked && o.generation >= current
+            })
+        });
+        resp.orders = q.clone();
         resp
     }
 
@@ -277,11 +313,6 @@ impl LeaderRuntime {
     }
 
     fn execute(self: &Arc<Self>, inner: &mut Inner, c: Cmd, now: Now) {
-        let order = |action: &str, vserver: String, generation: u64| pb::Order {
-            action: action.to_string(),
-            vserver,
-            generation,
-        };
         match c {
             Cmd::Propose(pc) => {
                 if let Some(h) = inner.held.get(&pc.vserver) {
@@ -314,34 +345,32 @@ impl LeaderRuntime {
                 vserver,
                 node,
                 generation,
-            } => inner
-                .outbox
-                .entry(node)
-                .or_default()
-                .push(order("start", vserver, generation)),
+            } => inner.queue(node, "start", vserver, generation),
             Cmd::Stop {
                 vserver,
                 node,
                 generation,
-            } => inner
-                .outbox
-                .entry(node)
-                .or_default()
-                .push(order("stop", vserver, generation)),
+            } => {
+                // A Stop supersedes the Start/Restart still queued before it.
+                if let Some(q) = inner.outbox.get_mut(&node) {
+                    q.retain(|o| o.vserver != vserver || !is_start(o));
+                }
+                inner.queue(node, "stop", vserver, generation)
+            }
             Cmd::Restart {
                 vserver,
                 node,
                 generation,
-            } => inner
-                .outbox
-                .entry(node)
-                .or_default()
-                .push(order("restart", vserver, generation)),
+            } => inner.queue(node, "restart", vserver, generation),
             Cmd::Fence {
                 vserver,
                 node,
                 generation,
             } => {
+                // Never deliver a start at a generation just fenced.
+                for q in inner.outbox.values_mut() {
+                    q.retain(|o| o.vserver != vserver || o.generation > generation || !is_start(o));
+                }
                 let heard = inner
                     .ctl
                     .last_renewal_ms(node)
@@ -364,11 +393,12 @@ impl LeaderRuntime {
                 kind: SyncKind::Final,
             } => {
                 // The proposal that follows waits for the final delta.
-                inner.outbox.entry(from).or_default().push(pb::Order {
-                    action: format!("final-sync:{to}"),
-                    vserver: vserver.clone(),
+                inner.queue(
+                    from,
+                    &format!("final-sync:{to}"),
+                    vserver.clone(),
                     generation,
-                });
+                );
                 inner.held.insert(
                     vserver.clone(),
                     HeldProposal {

@@ -45,6 +45,9 @@ struct Shared {
     final_syncs: Vec<(String, u64, NodeId)>,
     /// Health checks of running vservers that have one.
     health: BTreeMap<String, HealthState>,
+    /// The newest order received, (term, seq): acknowledged with every
+    /// renewal; the leader resends until then.
+    orders_seen: (u64, u64),
 }
 
 struct HealthState {
@@ -115,6 +118,7 @@ impl NodeRuntime {
                 replicas: BTreeMap::new(),
                 final_syncs: Vec::new(),
                 health: BTreeMap::new(),
+                orders_seen: (0, 0),
             }),
             guard: Mutex::new(None),
             guard_exe,
@@ -356,9 +360,28 @@ impl NodeRuntime {
         self.lock().lease.remaining_ms(mono_ms())
     }
 
-    fn reports(sh: &Shared) -> Vec<pb::VserverReport> {
-        sh.local
+    /// What the node runs, and `stopped` for what its applied state places
+    /// here that it does not run (so the leader orders a lost start again).
+    fn reports(&self, sh: &Shared) -> Vec<pb::VserverReport> {
+        // Placed here at a generation this node does not run (nothing
+        // local, or a copy stopped at an older one).
+        let not_here: BTreeMap<String, u64> = self.raft.read_state(|s| {
+            s.vservers
+                .iter()
+                .filter_map(|(n, v)| v.placement.as_ref().map(|p| (n, p)))
+                .filter(|(n, p)| {
+                    p.node == self.me
+                        && sh.local.get(*n).is_none_or(|l| {
+                            l.state == LocalState::Stopped && l.generation < p.generation
+                        })
+                })
+                .map(|(n, p)| (n.clone(), p.generation))
+                .collect()
+        });
+        let local = sh
+            .local
             .iter()
+            .filter(|(name, _)| !not_here.contains_key(*name))
             .map(|(name, l)| {
                 let (state, reason) = match &l.state {
                     LocalState::Running => ("running", String::new()),
@@ -372,8 +395,17 @@ impl NodeRuntime {
                     reason,
                     restarts: l.restarts,
                 }
-            })
-            .collect()
+            });
+        let placed = not_here
+            .iter()
+            .map(|(vserver, &generation)| pb::VserverReport {
+                vserver: vserver.clone(),
+                generation,
+                state: "stopped".into(),
+                reason: String::new(),
+                restarts: 0,
+            });
+        local.chain(placed).collect()
     }
 
     /// Renews the lease every heartbeat interval until dropped.
@@ -392,11 +424,16 @@ impl NodeRuntime {
                 continue;
             }
             seq += 1;
-            let (reports, replicas, events) = {
+            let (reports, replicas, events, acked) = {
                 let mut sh = self.lock();
-                let reports = Self::reports(&sh);
+                let reports = self.reports(&sh);
                 let replicas: Vec<pb::ReplicaReport> = sh.replicas.values().cloned().collect();
-                (reports, replicas, std::mem::take(&mut sh.events))
+                (
+                    reports,
+                    replicas,
+                    std::mem::take(&mut sh.events),
+                    sh.orders_seen,
+                )
             };
             let req = pb::HeartbeatRequest {
                 node_id: self.me,
@@ -406,6 +443,8 @@ impl NodeRuntime {
                 reports,
                 replicas,
                 events,
+                acked_term: acked.0,
+                acked_seq: acked.1,
             };
             let me = Arc::clone(&self);
             let leader_addr = self.raft.address_of(view.leader_id);
@@ -459,6 +498,11 @@ impl NodeRuntime {
             let had = sh.lease.may_run(now);
             sh.lease.renewed(sent, r.lease_ms);
             for o in r.orders {
+                // Resent until acknowledged: take each one once.
+                if (o.term, o.seq) <= sh.orders_seen {
+                    continue;
+                }
+                sh.orders_seen = (o.term, o.seq);
                 if let Some(to) = o.action.strip_prefix("final-sync:") {
                     if let Ok(to) = to.parse() {
                         sh.final_syncs.push((o.vserver, o.generation, to));

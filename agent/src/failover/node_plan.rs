@@ -5,12 +5,13 @@
 //!
 //! Rules, in order:
 //! 1. Without a valid lease nothing runs: every local copy is stopped at
-//!    once (self-fencing) and nothing starts.
+//!    once (self-fencing), nothing starts, and pending orders are dropped.
 //! 2. A local copy the applied state does not place here at its generation
 //!    (moved away, removed, desired stopped) is stopped. A copy placed here
 //!    at a *higher* generation is adopted (the leader re-placed it on this
 //!    node: the compare-and-set made the old generation dead everywhere).
-//! 3. Orders act only at the current generation: `Start` and `Restart`
+//! 3. Of several orders for one vserver, the newest counts. Orders act
+//!    only at the current generation: `Start` and `Restart`
 //!    need the state to place the vserver here at exactly that generation;
 //!    an order for a generation the node has not applied yet waits (up to
 //!    the order's time to live), an older one is dropped.
@@ -138,11 +139,11 @@ pub fn plan(
                 });
             }
         }
-        // Orders are kept: the lease may come back before they expire.
-        out.waiting = orders
-            .into_iter()
-            .filter(|o| now_ms.saturating_sub(o.received_ms) < order_ttl_ms)
-            .collect();
+        // Orders die with the lease they came under: while this node had
+        // no lease the leader may have moved the vserver, and this node may
+        // not have applied that yet. The leader orders again once the node
+        // renews and reports what it runs.
+        let _ = (orders, order_ttl_ms);
         return out;
     }
     let placed_here = |name: &str| -> Option<(u64, Desired)> {
@@ -184,7 +185,13 @@ pub fn plan(
             }
         }
     }
+    // The newest order per vserver wins: a Stop after a Start (or the
+    // other way round) in one batch must not run both.
+    let mut last: BTreeMap<String, Order> = BTreeMap::new();
     for o in orders {
+        last.insert(o.vserver.clone(), o);
+    }
+    for o in last.into_values() {
         let here = placed_here(&o.vserver);
         let current = state
             .vservers
@@ -334,7 +341,7 @@ mod tests {
                 why: StopWhy::SelfFence
             }]
         );
-        assert_eq!(p.waiting.len(), 1, "the order survives a lease gap");
+        assert!(p.waiting.is_empty(), "orders die with the lease");
     }
 
     #[test]
@@ -468,5 +475,20 @@ mod tests {
                 why: StopWhy::Ordered
             }]
         );
+    }
+
+    #[test]
+    fn a_stop_after_a_start_in_one_batch_wins() {
+        let s = state_with(Some((1, 1)));
+        let p = plan(
+            1,
+            10,
+            &leased(),
+            &s,
+            &BTreeMap::new(),
+            vec![order(OrderAction::Start, 1), order(OrderAction::Stop, 1)],
+            5000,
+        );
+        assert!(p.actions.is_empty(), "{:?}", p.actions);
     }
 }

@@ -88,33 +88,34 @@ impl Timing {
 #[derive(Debug, Clone, Copy)]
 pub struct Contract {
     /// A renewal also reports `Stopped` at the placement's generation for a
-    /// vserver placed on the node that does not run there (the runtime in
-    /// `failover/node.rs` reports local copies only).
+    /// vserver placed on the node that does not run there
+    /// (`NodeRuntime::reports` in `failover/node.rs`).
     pub reports_placed_here: bool,
     /// The leader keeps each order until the node acknowledges it in a
-    /// later renewal, and resends it with every answer (the runtime in
-    /// `failover/leader.rs` sends each order in one answer only).
+    /// later renewal, and resends it with every answer (`on_heartbeat` in
+    /// `failover/leader.rs`).
     pub orders_until_acked: bool,
     /// The leader drops queued `Start`/`Restart` orders for a vserver at a
-    /// generation the controller fenced (its `Fence` command), and every
-    /// order older than the placement it has applied, before sending them
-    /// (`failover/leader.rs` does neither).
+    /// generation the controller fenced (its `Fence` command), every order
+    /// older than the placement it has applied, and the starts a `Stop`
+    /// supersedes (`failover/leader.rs`).
     pub purge_stale_orders: bool,
 }
 
 impl Contract {
-    /// What `failover/node.rs` and `failover/leader.rs` do today.
+    /// What `failover/node.rs` and `failover/leader.rs` do.
     pub const RUNTIME: Contract = Contract {
-        reports_placed_here: false,
-        orders_until_acked: false,
-        purge_stale_orders: false,
-    };
-    /// The runtime with the fixes the simulation found necessary: orders
-    /// survive lost answers, and never outlive their generation.
-    pub const FIXED: Contract = Contract {
         reports_placed_here: true,
         orders_until_acked: true,
         purge_stale_orders: true,
+    };
+    /// The first runtime, before the fixes this simulation showed
+    /// necessary: local copies reported only, each order sent in one answer
+    /// and lost with it, queued orders never dropped.
+    pub const FIRST: Contract = Contract {
+        reports_placed_here: false,
+        orders_until_acked: false,
+        purge_stale_orders: false,
     };
 }
 
