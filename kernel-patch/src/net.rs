@@ -559,6 +559,20 @@ pub fn raw_socket() -> Result<()> {
     .map(|_| ())
 }
 
+/// Gives the calling thread a new, empty network namespace; threads and
+/// processes it creates afterwards share it. Call it before any other
+/// thread exists to move the whole process (`vsha demo` does, so the
+/// namespace lives exactly as long as the demo and its children).
+pub fn unshare_netns() -> Result<()> {
+    // SAFETY: unshare takes flags only; CLONE_NEWNET affects the calling
+    // thread's network namespace and nothing in this process's memory.
+    let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+    if r < 0 {
+        return Err(Error::last_os("unshare(CLONE_NEWNET)".to_string()));
+    }
+    Ok(())
+}
+
 /// Moves the calling thread into the network namespace at `path` (e.g.
 /// `/run/netns/NAME`). Only this thread changes namespace.
 pub fn enter_netns(path: &std::path::Path) -> Result<()> {

@@ -1,8 +1,15 @@
-//! `vsha demo`: three real `vshad` processes on 127.0.0.1, each with its own
-//! data dir; shows the election, a replicated write, the loss of the leader
-//! (SIGKILL) and its return. Everything is removed at the end unless --keep.
+//! `vsha demo`: a real three-node cluster on this machine, shown failing
+//! over. The demo moves itself into a network namespace of its own (so
+//! nothing it does touches the host's network, and the namespace vanishes
+//! with it), starts three `vshad` agents there (node 3 a witness), builds a
+//! busybox vserver whose web server counts its hits in its own tree, pairs
+//! it on nodes 1 and 2, then kills node 1's agent and shows the vserver
+//! answering from node 2 on the same IP, with the measured outage.
+//! Everything is removed at the end, also on error or Ctrl-C.
 
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,34 +22,60 @@ use vsha_proto::v1 as pb;
 use crate::client::connect;
 use crate::output;
 
+const VS: &str = "web";
+const IP: &str = "10.77.0.50";
+const COUNTER_CGI: &str = "#!/bin/sh\n\
+n=$(cat /var/hits 2>/dev/null || echo 0)\n\
+n=$((n+1))\n\
+echo $n > /var/hits\n\
+printf 'Content-Type: text/plain\\r\\n\\r\\nhits %s\\n' \"$n\"\n";
+
 #[derive(Args, Debug)]
 pub struct DemoArgs {
     /// Leave the cluster running after the demo; Ctrl-C stops it.
     #[arg(long)]
     keep: bool,
-    /// Node N listens on 127.0.0.1:(BASE_PORT + N - 1).
-    #[arg(long, default_value_t = 7700)]
-    base_port: u16,
-    /// Where the nodes' data dirs and logs go (default: a new temp dir).
+    /// Where the nodes' data dirs and logs go (default: a new temp dir,
+    /// removed at the end).
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+}
+
+/// Runs before the async runtime exists, while the process has one
+/// thread: moves it into a private network namespace with `lo` up and a
+/// veth pair (`vs0` carries the vserver IPs, `vs0p` plays the LAN).
+pub fn prepare() -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!(
+            "vsha demo needs root: it creates a private network namespace, cgroups and a vserver context. Run it as root (sudo target/release/vsha demo)"
+        );
+    }
+    use vsha_kernel::net;
+    net::unshare_netns().context("creating the demo's network namespace")?;
+    net::link_up("lo")?;
+    net::create_veth("vs0", "vs0p", std::process::id() as i32)?;
+    net::link_up("vs0")?;
+    net::link_up("vs0p")?;
+    net::add_address("vs0", "10.77.0.1".parse()?, 24, None)?;
+    Ok(())
 }
 
 struct Node {
     id: u64,
     addr: String,
-    data: PathBuf,
+    dir: PathBuf,
     log: PathBuf,
     child: Option<Child>,
 }
 
-/// Stops every agent and removes the demo dir, also on error or Ctrl-C.
+/// Stops every agent, removes their cgroups and the demo dir.
 struct Demo {
     dir: PathBuf,
     remove_dir: bool,
     nodes: Vec<Node>,
     vshad: PathBuf,
     initial: String,
+    cgroups: Vec<PathBuf>,
 }
 
 impl Drop for Demo {
@@ -50,12 +83,31 @@ impl Drop for Demo {
         for n in &mut self.nodes {
             stop(n);
         }
+        for cg in &self.cgroups {
+            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        for cg in &self.cgroups {
+            remove_cgroup_tree(cg);
+        }
         if self.remove_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
 }
 
+fn remove_cgroup_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// SIGTERM (the agent's guard then stops its vservers), then SIGKILL.
 fn stop(n: &mut Node) {
     if let Some(mut c) = n.child.take() {
         let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
@@ -86,14 +138,23 @@ fn find_vshad() -> anyhow::Result<PathBuf> {
 impl Demo {
     fn start(&mut self, i: usize) -> anyhow::Result<()> {
         let n = &mut self.nodes[i];
-        let log = std::fs::File::create(&n.log)
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&n.log)
             .with_context(|| format!("creating {}", n.log.display()))?;
         let child = Command::new(&self.vshad)
+            .arg("--config")
+            .arg(n.dir.join("vshad.toml"))
             .args(["--node-id", &n.id.to_string()])
             .args(["--listen", &n.addr])
             .arg("--data-dir")
-            .arg(&n.data)
+            .arg(n.dir.join("data"))
             .args(["--initial-cluster", &self.initial])
+            .env(
+                "VSHA_LOG",
+                "info,raft=warn,raft_engine=warn,h2=warn,vsha_sync=warn",
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -104,42 +165,52 @@ impl Demo {
     }
 }
 
-async fn status_of(addr: &str, stale: bool) -> Option<pb::StatusResponse> {
-    let mut c = connect(addr).await.ok()?;
-    c.status(pb::StatusRequest { stale })
-        .await
-        .ok()
-        .map(|r| r.into_inner())
+async fn status(addrs: &[String]) -> Option<pb::StatusResponse> {
+    for a in addrs {
+        if let Ok(mut c) = connect(a).await {
+            if let Ok(r) = c.status(pb::StatusRequest { stale: false }).await {
+                return Some(r.into_inner());
+            }
+        }
+    }
+    None
 }
 
-/// Waits until `addrs` all agree on a leader that is not `not`.
-async fn wait_leader(addrs: &[String], not: u64) -> anyhow::Result<pb::StatusResponse> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+async fn wait_for(
+    addrs: &[String],
+    what: &str,
+    f: impl Fn(&pb::StatusResponse) -> bool,
+) -> anyhow::Result<pb::StatusResponse> {
+    let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        let mut leaders = Vec::new();
-        let mut last = None;
-        for a in addrs {
-            if let Some(s) = status_of(a, true).await {
-                leaders.push(s.leader_id);
-                last = Some(s);
+        if let Some(s) = status(addrs).await {
+            if f(&s) {
+                return Ok(s);
             }
         }
-        if let Some(s) = last {
-            let l = s.leader_id;
-            if l != 0
-                && l != not
-                && leaders.len() == addrs.len()
-                && leaders.iter().all(|x| *x == l)
-                && !s.cluster_id.is_empty()
-            {
-                if let Some(current) = status_of(&addrs[0], false).await {
-                    return Ok(current);
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    bail!("no leader agreed on within 30 s; see the logs in the demo dir")
+    bail!("timed out waiting for {what}; the agents' logs are in the demo dir (use --dir to keep them)")
+}
+
+fn web(s: &pb::StatusResponse) -> Option<&pb::VserverInfo> {
+    s.vservers
+        .iter()
+        .find(|v| v.spec.as_ref().is_some_and(|s| s.name == VS))
+}
+
+/// Held by `node` and reported running.
+fn runs_on(s: &pb::StatusResponse, node: u64) -> bool {
+    web(s).is_some_and(|v| {
+        v.placement.as_ref().is_some_and(|p| p.node == node)
+            && v.runtime.as_ref().is_some_and(|r| r.observed == "running")
+    })
+}
+
+fn has_replica(s: &pb::StatusResponse, node: u64) -> bool {
+    web(s)
+        .and_then(|v| v.runtime.as_ref())
+        .is_some_and(|r| r.lag.iter().any(|l| l.node == node && l.known))
 }
 
 fn show(s: &pb::StatusResponse) {
@@ -147,6 +218,39 @@ fn show(s: &pb::StatusResponse) {
     for line in output::status_human(&j).lines() {
         println!("    {line}");
     }
+}
+
+/// One request to the vserver's web server: its answer, or None.
+fn hit() -> Option<String> {
+    let addr: SocketAddr = format!("{IP}:80").parse().ok()?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /cgi-bin/count HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    let text = body.split("\r\n\r\n").nth(1)?.trim().to_string();
+    text.starts_with("hits").then_some(text)
+}
+
+fn build_tree(tree: &Path) -> anyhow::Result<()> {
+    let paths = vsha_kernel::local::Paths::new(
+        tree.with_file_name("build-conf"),
+        tree.with_file_name("build-run"),
+    );
+    let opts = vsha_kernel::local::BuildOptions {
+        tree: Some(tree.to_path_buf()),
+        write_spec: false,
+        ..Default::default()
+    };
+    vsha_kernel::local::build(&paths, VS, &opts).context("building the vserver tree")?;
+    let cgi = tree.join("www/cgi-bin");
+    std::fs::create_dir_all(&cgi)?;
+    std::fs::write(tree.join("www/index.html"), "vsha demo\n")?;
+    std::fs::write(cgi.join("count"), COUNTER_CGI)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(cgi.join("count"), std::fs::Permissions::from_mode(0o755))?;
+    std::fs::create_dir_all(tree.join("var"))?;
+    Ok(())
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -159,29 +263,38 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ),
     };
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let nodes: Vec<Node> = (1..=3u64)
-        .map(|id| {
-            let port = args.base_port as u64 + id - 1;
-            Node {
-                id,
-                addr: format!("127.0.0.1:{port}"),
-                data: dir.join(format!("node{id}")),
-                log: dir.join(format!("node{id}.log")),
-                child: None,
-            }
-        })
-        .collect();
-    for n in &nodes {
-        if std::net::TcpListener::bind(&n.addr).is_err() {
-            bail!(
-                "{} is in use; stop what listens there or pick --base-port",
-                n.addr
-            );
-        }
+    let cg_root = vsha_kernel::cgroup::CgroupLayout::probe()
+        .context("finding the cgroup2 mount")?
+        .v2_root;
+    let mut nodes = Vec::new();
+    let mut cgroups = Vec::new();
+    for id in 1..=3u64 {
+        let node_dir = dir.join(format!("node{id}"));
+        std::fs::create_dir_all(node_dir.join("vservers"))?;
+        let parent = format!("vsha-demo{}-n{id}", std::process::id());
+        std::fs::write(
+            node_dir.join("vshad.toml"),
+            format!(
+                "profile = \"fast\"\nvserver_root = \"{}\"\ncgroup_parent = \"{parent}\"\nreplication_interval_ms = 500\n",
+                node_dir.join("vservers").display()
+            ),
+        )?;
+        cgroups.push(cg_root.join(&parent));
+        nodes.push(Node {
+            id,
+            // The namespace is the demo's own: these ports are free.
+            addr: format!("127.0.0.1:{}", 7700 + id),
+            dir: node_dir.clone(),
+            log: node_dir.join("vshad.log"),
+            child: None,
+        });
     }
     let initial = nodes
         .iter()
-        .map(|n| format!("{}={}", n.id, n.addr))
+        .map(|n| {
+            let role = if n.id == 3 { "/witness" } else { "" };
+            format!("{}={}{role}", n.id, n.addr)
+        })
         .collect::<Vec<_>>()
         .join(",");
     let mut demo = Demo {
@@ -190,124 +303,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         nodes,
         vshad,
         initial,
+        cgroups,
     };
-    let addrs: Vec<String> = demo.nodes.iter().map(|n| n.addr.clone()).collect();
-
-    println!("vsha demo: three agents on {}", addrs.join(", "));
-    println!("  data dirs and logs under {}\n", dir.display());
-    for i in 0..3 {
-        demo.start(i)?;
-    }
-    let t0 = Instant::now();
-    let s = wait_leader(&addrs, 0).await?;
-    println!(
-        "1. Raft elected node {} as leader in {:.1} s (term {}).",
-        s.leader_id,
-        t0.elapsed().as_secs_f64(),
-        s.term
-    );
-    show(&s);
-
-    let mut c = connect(&addrs[2]).await?;
-    let spec = pb::VserverSpec {
-        name: "web".into(),
-        ip: "10.250.0.10".into(),
-        prefix: 24,
-        ..Default::default()
-    };
-    c.add_vserver(pb::AddVserverRequest { spec: Some(spec) })
-        .await
-        .map_err(|e| anyhow!("adding vserver web: {}", e.message()))?;
-    c.set_pair(pb::SetPairRequest {
-        vserver: "web".into(),
-        group: Some(pb::FailoverGroup {
-            nodes: vec![1, 2],
-            failback: pb::Failback::Never as i32,
-            failback_stable_ms: 0,
-        }),
-    })
-    .await
-    .map_err(|e| anyhow!("pairing web: {}", e.message()))?;
-    println!("\n2. Through node 3 (a follower, which forwards to the leader): vsha vserver add web --ip 10.250.0.10; vsha pair add web --primary 1 --standby 2");
-
-    let old = s.leader_id;
-    let idx = demo
-        .nodes
-        .iter()
-        .position(|n| n.id == old)
-        .ok_or_else(|| anyhow!("leader {old} is not a demo node"))?;
-    if let Some(mut child) = demo.nodes[idx].child.take() {
-        child.kill().ok();
-        child.wait().ok();
-    }
-    let survivors: Vec<String> = demo
-        .nodes
-        .iter()
-        .filter(|n| n.id != old)
-        .map(|n| n.addr.clone())
-        .collect();
-    let t1 = Instant::now();
-    let s = wait_leader(&survivors, old).await?;
-    let elected = t1.elapsed();
-    // Let the new leader's liveness view hear from the survivor.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut s = s;
-    while Instant::now() < deadline {
-        if let Some(now) = status_of(&survivors[0], false).await {
-            let heard = now.nodes.iter().filter(|n| n.reachable).count();
-            s = now;
-            if heard >= 2 {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    println!(
-        "\n3. SIGKILL of the leader (node {old}): the survivors elected node {} in {:.1} s; the vserver record is still there.",
-        s.leader_id,
-        elected.as_secs_f64()
-    );
-    show(&s);
-
-    demo.start(idx)?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let back = loop {
-        if let Some(st) = status_of(&demo.nodes[idx].addr, true).await {
-            if st
-                .vservers
-                .iter()
-                .any(|v| v.spec.as_ref().is_some_and(|s| s.name == "web"))
-            {
-                break st;
-            }
-        }
-        if Instant::now() > deadline {
-            bail!("node {old} did not catch up within 30 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let interrupted = tokio::select! {
+        r = show_failover(&mut demo, args.keep) => { r?; false }
+        _ = tokio::signal::ctrl_c() => true,
     };
     println!(
-        "\n4. Node {old} restarted from its data dir and caught up (it sees leader {}, vserver web).",
-        back.leader_id
-    );
-    // The leader's liveness view sees the returned node at its next heartbeat.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let s = loop {
-        if let Some(s) = status_of(&addrs[0], false).await {
-            if s.nodes.iter().all(|n| n.reachable) || Instant::now() > deadline {
-                break s;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    show(&s);
-
-    if args.keep {
-        println!("\nThe cluster keeps running. Try:\n  vsha --endpoint {} status\n  vsha --endpoint {} vserver list\nCtrl-C stops it.", addrs[0], addrs[1]);
-        tokio::signal::ctrl_c().await.ok();
-    }
-    println!(
-        "\nStopping the agents{}.",
+        "\n{}Stopping the agents{}.",
+        if interrupted { "Interrupted. " } else { "" },
         if demo.remove_dir {
             " and removing the demo dir"
         } else {
@@ -315,5 +319,130 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         }
     );
     drop(demo);
+    Ok(())
+}
+
+async fn show_failover(demo: &mut Demo, keep: bool) -> anyhow::Result<()> {
+    let addrs: Vec<String> = demo.nodes.iter().map(|n| n.addr.clone()).collect();
+    println!("vsha demo: three agents in a private network namespace (profile fast)");
+    println!("  node 1 and node 2 run vservers, node 3 is a witness (votes, runs nothing)");
+    println!("  data dirs and logs under {}\n", demo.dir.display());
+    for i in 0..3 {
+        demo.start(i)?;
+    }
+    let t0 = Instant::now();
+    let s = wait_for(&addrs, "a leader and three members", |s| {
+        s.leader_id != 0 && s.nodes.len() == 3
+    })
+    .await?;
+    println!(
+        "1. Raft elected node {} as leader in {:.1} s.",
+        s.leader_id,
+        t0.elapsed().as_secs_f64()
+    );
+
+    let tree = demo.nodes[0].dir.join("vservers").join(VS);
+    build_tree(&tree)?;
+    let mut c = connect(&addrs[0]).await?;
+    let spec = pb::VserverSpec {
+        name: VS.into(),
+        ip: IP.into(),
+        prefix: 24,
+        dev: "vs0".into(),
+        start_command: vec![
+            "/bin/busybox".into(),
+            "httpd".into(),
+            "-f".into(),
+            "-p".into(),
+            format!("{IP}:80"),
+            "-h".into(),
+            "/www".into(),
+        ],
+        ..Default::default()
+    };
+    c.add_vserver(pb::AddVserverRequest { spec: Some(spec) })
+        .await
+        .map_err(|e| anyhow!("adding vserver {VS}: {}", e.message()))?;
+    c.set_pair(pb::SetPairRequest {
+        vserver: VS.into(),
+        group: Some(pb::FailoverGroup {
+            nodes: vec![1, 2],
+            failback: pb::Failback::Never as i32,
+            failback_stable_ms: 0,
+        }),
+    })
+    .await
+    .map_err(|e| anyhow!("pairing {VS}: {}", e.message()))?;
+    println!("\n2. A busybox vserver with a web server that counts its hits in its own tree:");
+    println!("     vsha vserver add {VS} --ip {IP}/24 --dev vs0 --start \"/bin/busybox httpd -f -p {IP}:80 -h /www\"");
+    println!("     vsha pair add {VS} --primary 1 --standby 2");
+    let s = wait_for(&addrs, "web running on node 1, replicated to node 2", |s| {
+        runs_on(s, 1) && has_replica(s, 2)
+    })
+    .await?;
+    show(&s);
+    let mut last = String::new();
+    for _ in 0..3 {
+        last = hit().ok_or_else(|| anyhow!("{IP}:80 does not answer"))?;
+        println!("     GET http://{IP}/cgi-bin/count -> {last}");
+    }
+    // Let a replication round carry the last hits to node 2.
+    let before = Instant::now();
+    wait_for(&addrs, "a fresh replica on node 2", |s| {
+        web(s)
+            .and_then(|v| v.runtime.as_ref())
+            .and_then(|r| r.lag.iter().find(|l| l.node == 2 && l.known))
+            .is_some_and(|l| (l.lag_ms as u128) < before.elapsed().as_millis())
+    })
+    .await?;
+
+    println!("\n3. Node 1 dies: SIGKILL of its agent (its guard kills the vserver and withdraws the IP at once).");
+    let killed = Instant::now();
+    if let Some(mut child) = demo.nodes[0].child.take() {
+        child.kill().ok();
+        child.wait().ok();
+    }
+    // First the old copy must be gone (the guard kills it within
+    // milliseconds), then the new one answers.
+    let mut down_seen = None;
+    let answer = loop {
+        match hit() {
+            Some(a) if down_seen.is_some() => break a,
+            Some(_) => {}
+            None => {
+                down_seen.get_or_insert_with(|| killed.elapsed());
+            }
+        }
+        if killed.elapsed() > Duration::from_secs(60) {
+            bail!("{IP} did not answer again within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let outage = killed.elapsed();
+    let gone = down_seen.unwrap_or_default();
+    let s = wait_for(&addrs[1..], "web running on node 2", |s| runs_on(s, 2)).await?;
+    println!(
+        "   node 1's copy stopped answering after {:.2} s; {IP} answers again after {:.2} s, now from node 2: {answer} (was {last} on node 1)",
+        gone.as_secs_f64(),
+        outage.as_secs_f64()
+    );
+    show(&s);
+
+    demo.start(0)?;
+    let s = wait_for(&addrs, "node 1 back as the standby", |s| {
+        runs_on(s, 2) && has_replica(s, 1)
+    })
+    .await?;
+    println!("\n4. Node 1 restarts: it does not run {VS} again; it is now the standby and receives its tree from node 2.");
+    show(&s);
+
+    if keep {
+        println!(
+            "\nThe cluster keeps running inside the demo's namespace. From another shell, enter it with\n  nsenter --net=/proc/{}/ns/net target/release/vsha --endpoint {} status\nCtrl-C stops it.",
+            std::process::id(),
+            addrs[1]
+        );
+        tokio::signal::ctrl_c().await.ok();
+    }
     Ok(())
 }

@@ -46,7 +46,8 @@ enum Cmd {
     /// Failover pairs (ordered nodes a vserver may run on).
     #[command(subcommand)]
     Pair(PairCmd),
-    /// Start a 3-node cluster on this machine and show it working.
+    /// A 3-node cluster on this machine (in its own network namespace),
+    /// shown failing over (root).
     Demo(demo::DemoArgs),
     /// Processes with their vserver (like vps).
     Ps {
@@ -229,6 +230,14 @@ enum FailbackArg {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.cmd, Cmd::Demo(_)) {
+        // Before any thread exists: the whole process moves into the
+        // demo's own network namespace.
+        if let Err(e) = demo::prepare() {
+            eprintln!("vsha: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
