@@ -383,20 +383,14 @@ fn send_round_inner(
         stats.journal_fallbacks = state.fallbacks;
         return Ok(stats);
     }
-    // Plan: merge both sorted lists.
-    let src_paths: HashSet<&[u8]> = idx.entries.iter().map(|e| &e.path[..]).collect();
-    let remote_groups: HashSet<&[u8]> = remote
-        .entries
-        .iter()
-        .filter_map(|e| e.link.as_deref())
-        .collect();
-    let mut by_hash: HashMap<[u8; 32], &Entry> = HashMap::new();
-    for e in &remote.entries {
-        if e.kind == Kind::File && e.link.is_none() && !remote_groups.contains(&e.path[..]) {
-            by_hash.entry(e.hash).or_insert(e);
-        }
+    // Plan: merge both sorted lists (first the differing positions, then
+    // the sources; the maps for rename detection cover only the contents of
+    // changed files, so an unchanged tree costs no per-entry hashing).
+    enum Step {
+        Delete(usize),
+        Put(usize, Option<usize>),
     }
-    let mut plan = Vec::new();
+    let mut steps = Vec::new();
     let (mut i, mut j) = (0, 0);
     let (a, b) = (&idx.entries, &remote.entries);
     while i < a.len() || j < b.len() {
@@ -407,45 +401,83 @@ fn send_round_inner(
         };
         match ord {
             std::cmp::Ordering::Greater => {
-                plan.push(Plan::Delete(b[j].path.clone()));
+                steps.push(Step::Delete(j));
                 j += 1;
             }
             o => {
-                let e = &a[i];
                 let r = if o == std::cmp::Ordering::Equal {
-                    Some(&b[j])
+                    j += 1;
+                    Some(j - 1)
                 } else {
                     None
                 };
-                if o == std::cmp::Ordering::Equal {
-                    j += 1;
-                }
                 i += 1;
-                if r.is_some_and(|r| r.same(e)) {
+                if r.is_some_and(|r| b[r].same(&a[i - 1])) {
                     continue;
                 }
-                let source = if e.kind != Kind::File || e.link.is_some() {
-                    Source::None
-                } else if let Some(r) =
-                    r.filter(|r| r.kind == Kind::File && r.hash == e.hash && r.link.is_none())
-                {
-                    Source::Old(r.path.clone())
-                } else if let Some(o) = by_hash
-                    .get(&e.hash)
-                    .filter(|o| e.size > 0 && !src_paths.contains(&o.path[..]))
-                {
-                    Source::Old(o.path.clone())
-                } else if let Some(r) =
-                    r.filter(|r| r.kind == Kind::File && r.size >= DELTA_MIN && e.size >= DELTA_MIN)
-                {
-                    Source::Delta(r.path.clone())
-                } else {
-                    Source::Data
-                };
-                plan.push(Plan::Put(i - 1, source));
+                steps.push(Step::Put(i - 1, r));
             }
         }
     }
+    let same_path_has = |e: &Entry, r: Option<&Entry>| {
+        r.is_some_and(|r| r.kind == Kind::File && r.hash == e.hash && r.link.is_none())
+    };
+    let wanted: HashSet<[u8; 32]> = steps
+        .iter()
+        .filter_map(|s| match s {
+            Step::Put(k, r) => {
+                let e = &a[*k];
+                (e.kind == Kind::File
+                    && e.link.is_none()
+                    && e.size > 0
+                    && !same_path_has(e, r.map(|r| &b[r])))
+                .then_some(e.hash)
+            }
+            Step::Delete(_) => None,
+        })
+        .collect();
+    let mut by_hash: HashMap<[u8; 32], &Entry> = HashMap::new();
+    if !wanted.is_empty() {
+        let remote_groups: HashSet<&[u8]> = b.iter().filter_map(|e| e.link.as_deref()).collect();
+        for e in b {
+            if e.kind == Kind::File
+                && e.link.is_none()
+                && wanted.contains(&e.hash)
+                && !remote_groups.contains(&e.path[..])
+            {
+                by_hash.entry(e.hash).or_insert(e);
+            }
+        }
+    }
+    let mut plan = Vec::with_capacity(steps.len());
+    for st in steps {
+        let (k, r) = match st {
+            Step::Delete(j) => {
+                plan.push(Plan::Delete(b[j].path.clone()));
+                continue;
+            }
+            Step::Put(k, r) => (k, r.map(|r| &b[r])),
+        };
+        let e = &a[k];
+        let source = if e.kind != Kind::File || e.link.is_some() {
+            Source::None
+        } else if same_path_has(e, r) {
+            Source::Old(e.path.clone())
+        } else if let Some(o) = by_hash
+            .get(&e.hash)
+            .filter(|o| e.size > 0 && idx.get(&o.path).is_none())
+        {
+            Source::Old(o.path.clone())
+        } else if let Some(r) =
+            r.filter(|r| r.kind == Kind::File && r.size >= DELTA_MIN && e.size >= DELTA_MIN)
+        {
+            Source::Delta(r.path.clone())
+        } else {
+            Source::Data
+        };
+        plan.push(Plan::Put(k, source));
+    }
+    let t_planned = t0.elapsed();
     // Unification: ask which new contents the receiver's pool holds.
     if opts.unified {
         let ask: Vec<usize> = plan
@@ -658,6 +690,7 @@ fn send_round_inner(
         }
     };
     let digest = new_index.digest;
+    let t_sent = t0.elapsed();
     check_deadline(peer)?;
     peer.send(Frame::End {
         digest,
@@ -677,6 +710,15 @@ fn send_round_inner(
         }
     }
     stats.round_duration = t0.elapsed();
+    tracing::debug!(
+        entries = new_index.entries.len(),
+        changed = stats.files_changed,
+        scan_ms = scan_duration.as_millis() as u64,
+        planned_ms = t_planned.as_millis() as u64,
+        sent_ms = t_sent.as_millis() as u64,
+        committed_ms = stats.round_duration.as_millis() as u64,
+        "round sent"
+    );
     state.last = Some(new_index);
     state.last_point = Some(point);
     stats.lag = state.lag().unwrap_or_default();

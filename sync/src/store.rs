@@ -1838,7 +1838,7 @@ impl<'a> Applier<'a> {
         // The intent/undo log reaches the disk before the live tree changes.
         let ud = fsops::open_dir_at(self.tree.as_fd(), b"undo", b"undo")?;
         let lname = format!("{seq}.log");
-        undo::write_durable(ud.as_fd(), &lname, &undo::encode(seq, &ops))?;
+        undo::write_new_synced(ud.as_fd(), &lname, &undo::encode(seq, &ops))?;
         fsops::remove_tree(ud.as_fd(), seq.to_string().as_bytes())?;
         fsops::make_dir(ud.as_fd(), seq.to_string().as_bytes(), b"undo")?;
         let sd = fsops::open_dir_at(ud.as_fd(), seq.to_string().as_bytes(), b"undo")?;

@@ -400,6 +400,23 @@ pub(crate) fn open_rel(root: BorrowedFd<'_>, rel: &[u8]) -> Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Write a new file `name` in `dir` and fsync it (its directory entry is
+/// made durable by the caller's fsync of `dir`). For the undo log, which
+/// carries its own checksum: a torn one is recognized and ignored.
+pub(crate) fn write_new_synced(dir: BorrowedFd<'_>, name: &str, data: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .ctx("create", PathBuf::from(name))?;
+    let mut f = std::fs::File::from(fd);
+    f.write_all(data).ctx("write", PathBuf::from(name))?;
+    f.sync_all().ctx("fsync", PathBuf::from(name))
+}
+
 /// Write `data` to `name` in `dir` durably (create, write, fsync), replacing it.
 pub(crate) fn write_durable(dir: BorrowedFd<'_>, name: &str, data: &[u8]) -> Result<()> {
     use std::io::Write;
