@@ -9,8 +9,10 @@
 //! - `hold NAME CGROUP DEV IP PREFIX` — a running vserver (`DEV` is `-`
 //!   when it has no alias of ours);
 //! - `release NAME` — it was stopped;
-//! - `detach` — on the agent's death, leave the vservers running (the
-//!   operator's documented `detach` policy).
+//! - `detach` — on the agent's exit, leave the vservers running until the
+//!   lease deadline, then fence them (the operator's documented `detach`
+//!   policy: a stopped agent does not cut service at once, yet a copy
+//!   never outlives the lease).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
@@ -201,7 +203,16 @@ pub fn run_guard() {
             },
             Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => {
                 if detach {
-                    tracing::warn!("guard: agent gone; vservers left running (detach policy)");
+                    // They outlive the agent, never its lease.
+                    let now = mono_ms();
+                    if !fenced && deadline > now {
+                        tracing::warn!(
+                            ms = deadline - now,
+                            "guard: agent gone; vservers left running until the lease deadline (detach policy)"
+                        );
+                        std::thread::sleep(Duration::from_millis(deadline - now));
+                    }
+                    fence(&held);
                 } else {
                     tracing::warn!(held = held.len(), "guard: agent gone; killing its vservers");
                     fence(&held);

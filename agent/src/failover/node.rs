@@ -177,7 +177,9 @@ impl NodeRuntime {
         for (name, k) in specs {
             if self.host.running(&name) {
                 let generation = persisted.generations.get(&name).copied().unwrap_or(0);
-                tracing::warn!(vserver = %name, generation, "found running from a previous agent; adopting it");
+                // Left by a previous agent (detach policy): the cluster may
+                // have moved it meanwhile, so it is stopped, not adopted.
+                tracing::warn!(vserver = %name, generation, "found running from a previous agent; stopping it");
                 sh.local.insert(
                     name.clone(),
                     LocalVserver {
@@ -190,8 +192,8 @@ impl NodeRuntime {
             }
         }
         drop(sh);
-        // Adopted copies are under the guard from now on (it kills them at
-        // once: no lease is held yet, and none may run without one).
+        // The new guard kills them at once: no lease is held yet, and
+        // nothing may run without one; the plan then records them stopped.
         self.guard_hold_all();
         Ok(())
     }
