@@ -1,8 +1,13 @@
 //! A real vsha cluster on one machine, for tests and the failover
-//! benchmark: N `vshad` processes in a network namespace of the run's own
-//! (agents on 127.0.0.N, a veth `vs0` carrying vserver IPs whose peer `vs0p`
-//! plays the LAN), each node with its own data dir, vserver root and cgroup
-//! parent, driven through the real `vsha` CLI.
+//! benchmark: N `vshad` processes, each in a network namespace of its own
+//! (its "machine"), joined by veths to a bridge in a switch namespace; a
+//! client namespace on the same LAN probes the vservers (see [`net`] and
+//! [`check`]). Agents talk over the bridge (10.77.0.N:7700); each node has
+//! its own data dir, vserver root, cgroup parent and `eth0` (IPROOTDEV).
+//! Each vserver can run the demo service ([`Cluster::demo_tree`]): busybox
+//! httpd whose CGI answers `node=N counter=K`, the counter persisted in the
+//! vserver's tree and incremented on every request. Everything is driven
+//! through the real `vsha` CLI.
 //!
 //! This is test support: setup failures panic with the command and its
 //! output. Everything a cluster makes — namespace, processes, cgroups,
@@ -12,15 +17,22 @@
 //! The binaries are found beside the running executable (`target/*/`),
 //! or in `VSHA_BIN_DIR`; build them first (`cargo build --bins`).
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
+
+pub mod check;
+pub mod nemesis;
+pub mod net;
+
+pub use check::{Checker, Sample};
+use net::{node_ip, vserver_ip, Net};
 
 /// How long a wait may take on a slow, shared machine.
 pub const PATIENCE: Duration = Duration::from_secs(90);
@@ -45,61 +57,6 @@ pub fn binary(name: &str) -> PathBuf {
         "{name} not found near {}: run `cargo build --bins` first (or set VSHA_BIN_DIR)",
         exe.display()
     );
-}
-
-fn run(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-/// A network namespace with lo up and a veth pair `vs0`/`vs0p`.
-pub struct Netns(pub String);
-
-impl Netns {
-    pub fn new(name: &str) -> Netns {
-        run(Command::new("ip").args(["netns", "add", name]));
-        let ns = Netns(name.to_string());
-        ns.exec(&["ip", "link", "set", "lo", "up"]);
-        // The kernel here has no dummy driver; a veth pair does: vserver
-        // IPs go on vs0, vs0p is the LAN side where nobody answers ARP.
-        ns.exec(&[
-            "ip", "link", "add", "vs0", "type", "veth", "peer", "name", "vs0p",
-        ]);
-        ns.exec(&["ip", "link", "set", "vs0", "up"]);
-        ns.exec(&["ip", "link", "set", "vs0p", "up"]);
-        ns.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", "vs0"]);
-        ns
-    }
-
-    pub fn exec(&self, args: &[&str]) -> Output {
-        run(Command::new("ip")
-            .args(["netns", "exec", &self.0])
-            .args(args))
-    }
-
-    /// A command in the namespace's network only (`ip netns exec` would
-    /// remount /sys and hide the cgroup2 mount).
-    pub fn command(&self, program: &Path) -> Command {
-        let mut c = Command::new("nsenter");
-        c.arg(format!("--net=/run/netns/{}", self.0)).arg(program);
-        c
-    }
-
-    pub fn has_addr(&self, ip: &str) -> bool {
-        let out = self.exec(&["ip", "-4", "-o", "addr", "show", "dev", "vs0"]);
-        String::from_utf8_lossy(&out.stdout).contains(&format!("inet {ip}/"))
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
 }
 
 pub fn cgroup2_root() -> PathBuf {
@@ -155,8 +112,10 @@ pub struct Agent {
     /// This node's cgroup parent directory.
     pub cgroup: PathBuf,
     config: PathBuf,
-    ns: String,
+    /// The node's network namespace.
+    pub ns: String,
     child: Option<Child>,
+    stopped: bool,
 }
 
 impl Agent {
@@ -186,6 +145,7 @@ impl Agent {
             .spawn()
             .expect("spawn vshad");
         self.child = Some(child);
+        self.stopped = false;
     }
 
     pub fn running(&self) -> bool {
@@ -196,8 +156,13 @@ impl Agent {
         self.child.as_ref().expect("agent runs").id() as i32
     }
 
-    pub fn signal(&self, sig: Signal) {
+    pub fn signal(&mut self, sig: Signal) {
         kill(Pid::from_raw(self.pid()), sig).expect("kill");
+        match sig {
+            Signal::SIGSTOP => self.stopped = true,
+            Signal::SIGCONT => self.stopped = false,
+            _ => {}
+        }
     }
 
     /// SIGKILL (after SIGCONT, should it be stopped) and reap.
@@ -207,6 +172,7 @@ impl Agent {
             let _ = c.kill();
             let _ = c.wait();
         }
+        self.stopped = false;
     }
 
     /// The vserver `name` has processes on this node.
@@ -221,13 +187,27 @@ impl Drop for Agent {
     }
 }
 
+/// Unmounts the small vserver roots.
+struct Mounts(Vec<PathBuf>);
+
+impl Drop for Mounts {
+    fn drop(&mut self) {
+        for m in &self.0 {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+}
+
 /// What to build.
 pub struct Builder {
     nodes: u64,
     witnesses: Vec<u64>,
     config: Vec<String>,
     tag: String,
+    small_roots: Vec<(u64, String)>,
 }
+
+static RUNS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 impl Builder {
     /// `id` votes but runs no vservers.
@@ -243,9 +223,20 @@ impl Builder {
         self
     }
 
-    /// Distinguishes clusters of one process.
+    /// Distinguishes clusters in logs (names are unique without it).
     pub fn tag(mut self, tag: &str) -> Self {
-        self.tag = tag.to_string();
+        self.tag = tag
+            .chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(2)
+            .collect();
+        self
+    }
+
+    /// Node `id`'s vserver root is a tmpfs of `size` (e.g. "512k"): a
+    /// standby whose disk is full.
+    pub fn small_root(mut self, id: u64, size: &str) -> Self {
+        self.small_roots.push((id, size.to_string()));
         self
     }
 
@@ -253,16 +244,32 @@ impl Builder {
     /// every member.
     pub fn start(self) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        let run = format!("vsc{}{}", std::process::id() % 100_000, self.tag);
+        let k = RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // "v" + pid (≤ 7) + tag (≤ 2) + k: the namespace names add ≤ 3.
+        let run = format!("v{}{}{}", std::process::id(), self.tag, k % 10);
         let root = cgroup2_root();
-        let ns = Netns::new(&run);
-        let mut agents = Vec::new();
         let mut cgroups = Vec::new();
+        for id in 1..=self.nodes {
+            cgroups.push(root.join(format!("{run}-n{id}")));
+        }
+        let cgroups = Cgroups(cgroups);
+        let net = Net::new(&run, self.nodes);
+        let mut mounts = Mounts(Vec::new());
+        let mut agents = Vec::new();
         let mut profile = vec!["profile = \"fast\"".to_string()];
         profile.extend(self.config.iter().cloned());
         for id in 1..=self.nodes {
             let node_dir = dir.path().join(format!("n{id}"));
             std::fs::create_dir_all(node_dir.join("vservers")).expect("mkdir");
+            if let Some((_, size)) = self.small_roots.iter().find(|(n, _)| *n == id) {
+                let target = node_dir.join("vservers");
+                net::run(
+                    Command::new("mount")
+                        .args(["-t", "tmpfs", "-o", &format!("size={size}"), "vsha-test"])
+                        .arg(&target),
+                );
+                mounts.0.push(target);
+            }
             let parent = format!("{run}-n{id}");
             let config = node_dir.join("vshad.toml");
             let mut text = format!(
@@ -281,17 +288,16 @@ impl Builder {
                 text.push('\n');
             }
             std::fs::write(&config, text).expect("config");
-            cgroups.push(root.join(&parent));
             agents.push(Agent {
                 id,
-                // The namespace is the run's own: fixed ports cannot collide.
-                addr: format!("127.0.0.{id}:7700"),
+                addr: format!("{}:7700", node_ip(id)),
                 dir: node_dir.clone(),
                 log: node_dir.join("vshad.log"),
                 cgroup: root.join(&parent),
                 config,
-                ns: run.clone(),
+                ns: net.node(id).0.clone(),
                 child: None,
+                stopped: false,
             });
         }
         let initial = agents
@@ -306,12 +312,24 @@ impl Builder {
             })
             .collect::<Vec<_>>()
             .join(",");
+        let shared = Arc::new(Mutex::new(check::Shared::default()));
+        let checker = Checker::start(
+            net.client.path(),
+            net.nodes.iter().map(|n| n.path()).collect(),
+            cgroups.0.clone(),
+            shared.clone(),
+        );
         let mut c = Cluster {
+            checker,
             agents,
             initial,
-            _cgroups: Cgroups(cgroups),
-            ns,
+            shared,
+            suspect: BTreeSet::new(),
+            _cgroups: cgroups,
+            net,
+            _mounts: mounts,
             dir,
+            vservers: 0,
         };
         for i in 0..c.agents.len() {
             let init = c.initial.clone();
@@ -327,13 +345,20 @@ impl Builder {
 }
 
 pub struct Cluster {
+    /// Runs through the whole life of the cluster; see [`check`].
+    pub checker: Checker,
     pub agents: Vec<Agent>,
     pub initial: String,
-    // Dropped in this order: agents (above) first, then cgroups, the
-    // namespace, the dirs.
+    shared: Arc<Mutex<check::Shared>>,
+    /// Nodes under a fault: their view of the cluster is not asked for.
+    pub suspect: BTreeSet<u64>,
+    // Dropped in this order: checker, agents (above) first, then cgroups,
+    // the namespaces (and whatever still runs in them), mounts, the dirs.
     _cgroups: Cgroups,
-    pub ns: Netns,
+    pub net: Net,
+    _mounts: Mounts,
     pub dir: tempfile::TempDir,
+    vservers: usize,
 }
 
 impl Cluster {
@@ -345,6 +370,7 @@ impl Cluster {
             witnesses: Vec::new(),
             config: Vec::new(),
             tag: String::new(),
+            small_roots: Vec::new(),
         }
     }
 
@@ -357,10 +383,13 @@ impl Cluster {
         self.agent(id).start(&init);
     }
 
-    /// `vsha` through node `via` (1-based).
+    /// `vsha` through node `via` (1-based), from inside its namespace;
+    /// gives up after 20 s (a stopped agent never answers).
     pub fn vsha(&self, via: u64, args: &[&str]) -> Output {
-        self.ns
-            .command(&binary("vsha"))
+        Command::new("nsenter")
+            .arg(format!("--net={}", self.net.node(via).path()))
+            .args(["timeout", "-s", "KILL", "20"])
+            .arg(binary("vsha"))
             .args(["--endpoint", &self.agents[via as usize - 1].addr])
             .args(args)
             .output()
@@ -378,18 +407,40 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// `vsha status --json` through any agent that answers.
+    fn askable(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .agents
+            .iter()
+            .filter(|a| a.running() && !a.stopped && !self.suspect.contains(&a.id))
+            .map(|a| a.id)
+            .collect();
+        v.extend(
+            self.agents
+                .iter()
+                .filter(|a| a.running() && !a.stopped && self.suspect.contains(&a.id))
+                .map(|a| a.id),
+        );
+        v
+    }
+
+    /// `vsha status --json` through any agent that answers (nodes under
+    /// a fault last).
+    /// A view a node serves as `stale` (it could not confirm it with a
+    /// quorum) is used only when no node serves a current one.
     pub fn status(&self) -> Option<Value> {
-        for a in &self.agents {
-            if !a.running() {
-                continue;
-            }
-            let out = self.vsha(a.id, &["status", "--json"]);
+        let mut stale = None;
+        for id in self.askable() {
+            let out = self.vsha(id, &["status", "--json"]);
             if out.status.success() {
-                return serde_json::from_slice(&out.stdout).ok();
+                if let Ok(v) = serde_json::from_slice::<Value>(&out.stdout) {
+                    if v["stale"] != true {
+                        return Some(v);
+                    }
+                    stale.get_or_insert(v);
+                }
             }
         }
-        None
+        stale
     }
 
     /// The last lines of every agent's log.
@@ -404,6 +455,7 @@ impl Cluster {
                 s.push('\n');
             }
         }
+        s.push_str(&self.checker.report());
         s
     }
 
@@ -417,12 +469,24 @@ impl Cluster {
                 }
                 last = s;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(100));
         }
         panic!(
             "timed out waiting for {what}; last status: {last:#}\n{}",
             self.logs()
         );
+    }
+
+    /// Waits (generously) for a condition on the machines themselves.
+    pub fn wait_until(&self, what: &str, mut f: impl FnMut(&Cluster) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while Instant::now() < deadline {
+            if f(self) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("timed out waiting for {what}\n{}", self.logs());
     }
 
     /// A busybox tree for `name` on node `node` (`vsha vserver build`),
@@ -451,6 +515,72 @@ impl Cluster {
         tree
     }
 
+    /// A tree with the demo service on node `node`: busybox httpd whose CGI
+    /// `/cgi-bin/c` answers `node=N counter=K`; the counter lives in
+    /// `data/counter` and grows by one on every request.
+    pub fn demo_tree(&self, node: u64, name: &str) -> PathBuf {
+        let tree = self.build_tree(
+            node,
+            name,
+            &[
+                ("www/index.html", "vsha demo\n"),
+                ("www/cgi-bin/c", DEMO_CGI),
+                ("data/counter", "0\n"),
+            ],
+        );
+        let cgi = tree.join("www/cgi-bin/c");
+        let mut perm = std::fs::metadata(&cgi).expect("cgi").permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(&cgi, perm).expect("chmod");
+        tree
+    }
+
+    /// The start command of the demo service on `ip`.
+    pub fn demo_start(ip: &str) -> String {
+        format!("/bin/busybox httpd -f -p {ip}:80 -h /www")
+    }
+
+    /// Records vserver `name` running the demo service on the next free
+    /// IP, on `eth0`, paired (`primary`, then `standbys`); the checker
+    /// watches it from now on. Returns the IP.
+    pub fn add_demo(
+        &mut self,
+        via: u64,
+        name: &str,
+        primary: u64,
+        standbys: &[u64],
+        extra: &[&str],
+        pair_extra: &[&str],
+    ) -> String {
+        let ip = vserver_ip(self.vservers);
+        self.vservers += 1;
+        let start = Self::demo_start(&ip);
+        let ip_arg = format!("{ip}/24");
+        let mut args = vec![
+            "vserver", "add", name, "--ip", &ip_arg, "--dev", "eth0", "--start", &start,
+        ];
+        args.extend_from_slice(extra);
+        self.ok(via, &args);
+        self.watch(name, &ip);
+        let p = primary.to_string();
+        let ss: Vec<String> = standbys.iter().map(u64::to_string).collect();
+        let mut args = vec!["pair", "add", name, "--primary", &p];
+        for s in &ss {
+            args.push("--standby");
+            args.push(s);
+        }
+        args.extend_from_slice(pair_extra);
+        self.ok(via, &args);
+        ip
+    }
+
+    /// The checker watches vserver `name` on `ip` from now on.
+    pub fn watch(&self, name: &str, ip: &str) {
+        if let Ok(mut s) = self.shared.lock() {
+            s.watched.push((name.to_string(), ip.to_string()));
+        }
+    }
+
     /// The replica of `name` that node `node` received.
     pub fn replica(&self, node: u64, name: &str) -> PathBuf {
         self.dir
@@ -459,13 +589,19 @@ impl Cluster {
             .join(name)
     }
 
+    /// The counter in node `node`'s replica of `name`.
+    pub fn replica_counter(&self, node: u64, name: &str) -> Option<u64> {
+        std::fs::read_to_string(self.replica(node, name).join("data/counter"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// `vsha events --json`, parsed.
     pub fn events(&self) -> Vec<Value> {
-        for a in &self.agents {
-            if !a.running() {
-                continue;
-            }
-            let out = self.vsha(a.id, &["events", "--json"]);
+        for id in self.askable() {
+            let out = self.vsha(id, &["events", "--json"]);
             if out.status.success() {
                 return String::from_utf8_lossy(&out.stdout)
                     .lines()
@@ -501,11 +637,128 @@ impl Cluster {
         panic!("no {kind} event after seq {after}\n{}", self.logs());
     }
 
-    /// Watches the cgroups of every node for `name`.
-    pub fn watch(&self, name: &str) -> Watcher {
-        Watcher::start(self.agents.iter().map(|a| a.cgroup.join(name)).collect())
+    /// Panics if the invariant checker saw a violation.
+    pub fn check(&self) {
+        self.checker.check();
+    }
+
+    /// Checks the invariant and prints what the client saw.
+    pub fn finish(&self) {
+        eprintln!("{}", self.checker.report());
+        self.checker.check();
+    }
+
+    // ---- faults ----
+
+    /// SIGKILL of node `id`'s agent (its guard fences what it ran).
+    pub fn kill_agent(&mut self, id: u64) {
+        self.agent(id).kill9();
+    }
+
+    /// SIGSTOP / SIGCONT of node `id`'s agent.
+    pub fn stop_agent(&mut self, id: u64) {
+        self.suspect.insert(id);
+        self.agent(id).signal(Signal::SIGSTOP);
+    }
+
+    pub fn cont_agent(&mut self, id: u64) {
+        self.agent(id).signal(Signal::SIGCONT);
+        self.suspect.remove(&id);
+    }
+
+    /// The whole node dies: its cable is pulled, then every process of
+    /// its namespace (agent, guard, vservers) and its cgroups are killed
+    /// at once, leaving no one to clean up.
+    pub fn kill_node(&mut self, id: u64) {
+        self.unplug(id);
+        self.net.eth0(id, false);
+        let cg = self.agents[id as usize - 1].cgroup.clone();
+        for _ in 0..50 {
+            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+            let pids = self.net.node(id).pids();
+            for pid in &pids {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+            if pids.is_empty() && !populated(&cg) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.agent(id).kill9();
+    }
+
+    /// The dead node boots again: only its own address on `eth0`, cable
+    /// in, agent started.
+    pub fn revive_node(&mut self, id: u64) {
+        self.net.flush_vserver_ips(id);
+        self.net.eth0(id, true);
+        self.plug(id);
+        self.restart(id);
+    }
+
+    /// Node `id`'s cable out (the node runs on, alone).
+    pub fn unplug(&mut self, id: u64) {
+        self.suspect.insert(id);
+        if let Ok(mut s) = self.shared.lock() {
+            s.unplugged.insert(id);
+        }
+        self.net.cable(id, false);
+    }
+
+    pub fn plug(&mut self, id: u64) {
+        self.net.cable(id, true);
+        if let Ok(mut s) = self.shared.lock() {
+            s.unplugged.remove(&id);
+        }
+        self.suspect.remove(&id);
+    }
+
+    /// Drop rules: the nodes in `minority` cannot reach the other nodes
+    /// (the client still reaches everyone).
+    pub fn partition(&mut self, minority: &[u64]) {
+        let n = self.agents.len() as u64;
+        for &a in minority {
+            self.suspect.insert(a);
+            for b in 1..=n {
+                if !minority.contains(&b) {
+                    self.net.cut(a, b);
+                }
+            }
+        }
+    }
+
+    pub fn heal(&mut self) {
+        self.net.heal();
+        let unplugged = self
+            .shared
+            .lock()
+            .map(|s| s.unplugged.clone())
+            .unwrap_or_default();
+        self.suspect.retain(|id| unplugged.contains(id));
+    }
+
+    /// `vsha status` of a node's own view (even one under a fault).
+    pub fn status_via(&self, id: u64) -> Option<Value> {
+        let out = self.vsha(id, &["status", "--json"]);
+        if out.status.success() {
+            serde_json::from_slice(&out.stdout).ok()
+        } else {
+            None
+        }
     }
 }
+
+/// The demo service's CGI: counter + 1, persisted with a rename, and the
+/// node's identity (the last octet of its own address, read from the
+/// kernel's view of the namespace it shares).
+pub const DEMO_CGI: &str = r#"#!/bin/busybox sh
+f=/data/counter
+n=$(/bin/busybox cat $f 2>/dev/null)
+n=$((${n:-0}+1))
+echo $n > $f.tmp && /bin/busybox mv $f.tmp $f
+node=$(/bin/busybox awk '/\|--/{ip=$2} /host LOCAL/{split(ip,o,"."); if (o[1]==10 && o[2]==77 && o[4]+0<50) {print o[4]; exit}}' /proc/net/fib_trie)
+printf 'Content-Type: text/plain\r\n\r\nnode=%s counter=%s\n' "$node" "$n"
+"#;
 
 /// Views of a `vsha status --json` document.
 pub mod status {
@@ -541,58 +794,5 @@ pub mod status {
         vserver(s, name)["runtime"]["replicas"]
             .as_array()
             .is_some_and(|r| r.iter().any(|x| x["node"] == node && x["lag_ms"].is_u64()))
-    }
-}
-
-/// Samples every 20 ms which nodes have processes of one vserver; any
-/// instant with two is recorded as a split brain.
-pub struct Watcher {
-    stop: Arc<AtomicBool>,
-    violation: Arc<Mutex<Option<String>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Watcher {
-    fn start(cgroups: Vec<PathBuf>) -> Watcher {
-        let stop = Arc::new(AtomicBool::new(false));
-        let violation = Arc::new(Mutex::new(None));
-        let (s, v) = (Arc::clone(&stop), Arc::clone(&violation));
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                let running: Vec<usize> = cgroups
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, c)| populated(c))
-                    .map(|(i, _)| i + 1)
-                    .collect();
-                if running.len() > 1 {
-                    if let Ok(mut g) = v.lock() {
-                        *g = Some(format!("nodes {running:?} ran it at once"));
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        });
-        Watcher {
-            stop,
-            violation,
-            thread: Some(thread),
-        }
-    }
-
-    /// Panics if a split brain was seen.
-    pub fn check(&self) {
-        if let Some(v) = self.violation.lock().ok().and_then(|g| g.clone()) {
-            panic!("split brain: {v}");
-        }
-    }
-}
-
-impl Drop for Watcher {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }

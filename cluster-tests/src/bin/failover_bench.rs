@@ -1,12 +1,15 @@
 //! failover-bench: how long a vserver's service is unreachable when the
 //! node running it dies, and during a planned migration.
 //!
-//! Each trial SIGKILLs the agent of the node holding the vserver (its guard
-//! kills the vserver at once: the service dies with the node) and measures,
-//! from a prober inside the cluster's network namespace connecting to the
+//! The cluster is the harness's multi-namespace one: three nodes (the
+//! third a witness), each a network namespace on a bridge, and a client
+//! namespace. Each trial kills the whole node holding the vserver (cable
+//! out, then every process of the node: agent, guard, the vserver) and
+//! measures, from a prober inside the client namespace connecting to the
 //! vserver's IP every 10 ms, the time until the service answers again on the
-//! same IP from another node. The killed agent is then restarted and the
-//! next trial waits until it holds a fresh replica. Phases come from the
+//! same IP from another node. The dead node then boots again (its addresses
+//! flushed, cable in, agent started) and the next trial waits until it
+//! holds a fresh replica. Phases come from the
 //! leader's `failover_done` event and the new holder's `started` event.
 //!
 //! Usage (root; build the binaries first: `cargo build --release --bins`):
@@ -23,6 +26,7 @@ use vsha_cluster_tests::status::{has_replica, holder, runs_on};
 use vsha_cluster_tests::{is_root, Cluster};
 
 const VS: &str = "web";
+// The first vserver's IP (vsha_cluster_tests::net::vserver_ip(0)).
 const IP: &str = "10.77.0.50";
 
 fn unix_ms() -> u64 {
@@ -57,12 +61,14 @@ struct Prober {
 impl Prober {
     fn start(c: &Cluster) -> Prober {
         let exe = std::env::current_exe().expect("current_exe");
-        let mut child =
-            c.ns.command(&exe)
-                .args(["probe", &format!("{IP}:80")])
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("prober");
+        let mut child = c
+            .net
+            .client
+            .command(&exe)
+            .args(["probe", &format!("{IP}:80")])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("prober");
         let out = child.stdout.take().expect("stdout");
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -139,22 +145,9 @@ fn run_profile(profile: &str, trials: usize) -> Value {
         .config("replication_interval_ms = 500")
         .tag(&profile[..1])
         .start();
-    c.build_tree(1, VS, &[("www/index.html", "ok\n")]);
-    c.ok(
-        1,
-        &[
-            "vserver",
-            "add",
-            VS,
-            "--ip",
-            &format!("{IP}/24"),
-            "--dev",
-            "vs0",
-            "--start",
-            &format!("/bin/busybox httpd -f -p {IP}:80 -h /www"),
-        ],
-    );
-    c.ok(1, &["pair", "add", VS, "--primary", "1", "--standby", "2"]);
+    c.demo_tree(1, VS);
+    let ip = c.add_demo(1, VS, 1, &[2], &[], &[]);
+    assert_eq!(ip, IP);
     let prober = Prober::start(&c);
     let mut total = Vec::new();
     let mut detect = Vec::new();
@@ -176,10 +169,10 @@ fn run_profile(profile: &str, trials: usize) -> Value {
         prober.drain();
         let seq = c.last_event_seq();
         let t_kill = unix_ms();
-        c.agent(h).kill9();
+        c.kill_node(h);
         let Some(t_up) = prober.up_after(t_kill, Duration::from_secs(60)) else {
             eprintln!("trial {trial}: the service did not come back within 60 s");
-            c.restart(h);
+            c.revive_node(h);
             continue;
         };
         total.push(t_up - t_kill);
@@ -208,7 +201,7 @@ fn run_profile(profile: &str, trials: usize) -> Value {
             },
             t_up - t_kill
         );
-        c.restart(h);
+        c.revive_node(h);
     }
     // Planned migrations, back and forth.
     let mut downtime = Vec::new();

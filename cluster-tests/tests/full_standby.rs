@@ -1,0 +1,60 @@
+//! A standby whose vserver root is full (a 1 MiB tmpfs cannot hold the
+//! tree): it never gets a complete replica, so when the primary dies
+//! nothing half-copied is started there; the vserver comes back when the
+//! primary returns, with its counter intact.
+
+mod common;
+
+use common::root_and_busybox;
+use vsha_cluster_tests::status::{has_replica, runs_on};
+use vsha_cluster_tests::Cluster;
+
+#[test]
+fn full_standby_is_never_started_from_a_partial_copy() {
+    if !root_and_busybox() {
+        return;
+    }
+    let mut c = Cluster::new(3)
+        .config("replication_interval_ms = 500")
+        .small_root(2, "1m")
+        .tag("fs")
+        .start();
+    c.demo_tree(1, "web");
+    let ip = c.add_demo(1, "web", 1, &[2], &[], &[]);
+    let s = c.wait_for("web on node 1", |s| runs_on(s, "web", 1, 0));
+    let g1 = vsha_cluster_tests::status::generation(&s, "web");
+    let mark = c.checker.mark();
+    c.checker
+        .wait_answer(&ip, mark, "node 1 answering", |a| a.node == Some(1));
+    // Rounds run (and fail) for a while.
+    let seq = c.last_event_seq();
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let s = c.status().expect("status");
+    assert!(
+        !has_replica(&s, "web", 2),
+        "a replica on a full disk: {s:#}"
+    );
+
+    let last1 = c
+        .checker
+        .last_answer(&ip)
+        .and_then(|a| a.counter)
+        .unwrap_or(0);
+    c.kill_node(1);
+    let ev = c.wait_event("alert", seq);
+    eprintln!("alert: {ev}");
+    assert!(!c.agents[1].runs("web"), "node 2 started a partial tree");
+
+    let mark = c.checker.mark();
+    c.revive_node(1);
+    let back = c
+        .checker
+        .wait_answer(&ip, mark, "node 1 answering again", |a| a.node == Some(1));
+    let n = back.counter.expect("counter");
+    assert!(n > last1 && n <= last1 + 2, "counter {last1} -> {n}");
+    c.wait_for("web on node 1", |s| {
+        runs_on(s, "web", 1, g1.saturating_sub(1))
+    });
+    assert!(!c.agents[1].runs("web"));
+    c.finish();
+}
