@@ -84,14 +84,24 @@ impl ClusterApi {
             }
             return Ok(Route::Here);
         }
+        Ok(Route::Leader(self.leader_client("").await?))
+    }
+
+    /// A client of the leader (this agent is not it). `hint` ends the
+    /// errors (what the operator can do instead).
+    async fn leader_client(
+        &self,
+        hint: &str,
+    ) -> Result<ClusterClient<tonic::transport::Channel>, Status> {
+        let view = self.raft.view();
         if view.leader_id == 0 {
-            return Err(Status::unavailable(
-                "no quorum: no leader is elected; a majority of voters must be up and reachable",
-            ));
+            return Err(Status::unavailable(format!(
+                "no quorum: no leader is elected; a majority of voters must be up and reachable{hint}"
+            )));
         }
         let addr = self.raft.address_of(view.leader_id).ok_or_else(|| {
             Status::unavailable(format!(
-                "leader is node {} but its address is not known yet; retry",
+                "leader is node {} but its address is not known yet; retry{hint}",
                 view.leader_id
             ))
         })?;
@@ -101,13 +111,11 @@ impl ClusterApi {
             .await
             .map_err(|e| {
                 Status::unavailable(format!(
-                    "leader node {} at {addr} does not answer ({e})",
+                    "leader node {} at {addr} does not answer ({e}){hint}",
                     view.leader_id
                 ))
             })?;
-        Ok(Route::Leader(
-            ClusterClient::new(channel).max_decoding_message_size(MAX_MESSAGE),
-        ))
+        Ok(ClusterClient::new(channel).max_decoding_message_size(MAX_MESSAGE))
     }
 
     fn vserver_info(&self, name: &str) -> Result<pb::VserverInfo, Status> {
@@ -171,28 +179,9 @@ impl ClusterApi {
             self.barrier(false).await?;
             return Ok(self.local_status(false));
         }
-        if view.leader_id == 0 {
-            return Err(Status::unavailable(
-                "no quorum: no leader is elected; a majority of voters must be up and reachable. `vsha status --stale` shows this agent's local view",
-            ));
-        }
-        let addr = self.raft.address_of(view.leader_id).ok_or_else(|| {
-            Status::unavailable(format!(
-                "leader is node {} but its address is not known yet; retry, or use --stale",
-                view.leader_id
-            ))
-        })?;
-        let channel = endpoint(&addr)
-            .map_err(|e| Status::internal(format!("leader address {addr:?}: {e}")))?
-            .connect()
-            .await
-            .map_err(|e| {
-                Status::unavailable(format!(
-                    "leader node {} at {addr} does not answer ({e}); `vsha status --stale` shows this agent's local view",
-                    view.leader_id
-                ))
-            })?;
-        let mut client = ClusterClient::new(channel).max_decoding_message_size(MAX_MESSAGE);
+        let mut client = self
+            .leader_client("; `vsha status --stale` shows this agent's local view")
+            .await?;
         let mut req = Request::new(pb::StatusRequest { stale: false });
         req.set_timeout(READ_WAIT + Duration::from_secs(1));
         crate::peer_client::within(READ_WAIT + Duration::from_secs(2), client.status(req))
@@ -200,8 +189,9 @@ impl ClusterApi {
             .map(|r| r.into_inner())
             .map_err(|s| {
                 Status::unavailable(format!(
-                    "leader node {} at {addr}: {}",
+                    "leader node {} at {}: {}",
                     view.leader_id,
+                    self.raft.address_of(view.leader_id).unwrap_or_default(),
                     s.message()
                 ))
             })

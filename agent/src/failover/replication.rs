@@ -32,6 +32,34 @@ const CHUNK: usize = 256 * 1024;
 /// A round that moves no byte for this long is abandoned.
 const IDLE: Duration = Duration::from_secs(30);
 
+/// sync/'s side of a round → gRPC chunks, until either end closes.
+fn spawn_reader<R, T>(
+    mut rd: R,
+    tx: mpsc::Sender<T>,
+    wrap: impl Fn(pb::ReplicateChunk) -> T + Send + 'static,
+) where
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; CHUNK];
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let c = pb::ReplicateChunk {
+                        data: buf[..n].to_vec().into(),
+                        ..Default::default()
+                    };
+                    if tx.send(wrap(c)).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+}
+
 pub fn replica_dir(vserver_root: &Path) -> PathBuf {
     vserver_root.join(".replicas")
 }
@@ -146,7 +174,7 @@ impl Replication {
             .read_state(|s| s.vservers.get(name).map(|v| self.node.host.tree(&v.spec)))
             .ok_or_else(|| format!("{name} is no longer in the cluster"))?;
         let (ours, theirs) = tokio::io::duplex(CHUNK * 2);
-        let (mut rd, mut wr) = tokio::io::split(theirs);
+        let (rd, mut wr) = tokio::io::split(theirs);
         let (tx, rx) = mpsc::channel::<pb::ReplicateChunk>(8);
         let started = unix_ms();
         let first = pb::ReplicateChunk {
@@ -156,24 +184,7 @@ impl Replication {
             source_unix_ms: started,
         };
         tx.send(first).await.map_err(|e| e.to_string())?;
-        // sync/ → gRPC
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        let c = pb::ReplicateChunk {
-                            data: buf[..n].to_vec().into(),
-                            ..Default::default()
-                        };
-                        if tx.send(c).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
+        spawn_reader(rd, tx, |c| c);
         let outbound = tokio_stream::wrappers::ReceiverStream::new(rx);
         let mut inbound = client
             .replicate(outbound)
@@ -242,7 +253,7 @@ impl Replication {
         self.may_receive(&name, first.generation)?;
         let first_source = first.source_unix_ms;
         let (ours, theirs) = tokio::io::duplex(CHUNK * 2);
-        let (mut rd, mut wr) = tokio::io::split(theirs);
+        let (rd, mut wr) = tokio::io::split(theirs);
         let (cancel_tx, mut cancel_rx) = oneshot::channel::<()>();
         let (done_tx, done_rx) = tokio::sync::watch::channel(false);
         {
@@ -281,25 +292,7 @@ impl Replication {
             let _ = wr.shutdown().await;
         });
         let (out_tx, out_rx) = mpsc::channel(8);
-        // sync/ → gRPC
-        let tx2 = out_tx.clone();
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; CHUNK];
-            loop {
-                match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        let c = pb::ReplicateChunk {
-                            data: buf[..n].to_vec().into(),
-                            ..Default::default()
-                        };
-                        if tx2.send(Ok(c)).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
+        spawn_reader(rd, out_tx.clone(), Ok);
         let me = Arc::clone(self);
         let store = Arc::clone(&self.store);
         tokio::spawn(async move {
