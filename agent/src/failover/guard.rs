@@ -95,10 +95,15 @@ pub struct GuardHandle {
 impl GuardHandle {
     /// Starts `EXE guard` (normally vshad itself).
     pub fn spawn(exe: &std::path::Path) -> std::io::Result<GuardHandle> {
+        use std::os::unix::process::CommandExt;
+        // A process group of its own: a Ctrl-C meant for the agent's
+        // terminal must not kill the guard before the agent (then nothing
+        // would fence); it ends when the agent's pipe closes.
         let mut child = Command::new(exe)
             .arg("guard")
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
+            .process_group(0)
             .spawn()?;
         let stdin = child
             .stdin
