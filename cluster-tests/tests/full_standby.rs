@@ -43,6 +43,13 @@ fn full_standby_is_never_started_from_a_partial_copy() {
     c.kill_node(1);
     let ev = c.wait_event("alert", seq);
     eprintln!("alert: {ev}");
+    assert!(
+        ev["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("no complete replica"),
+        "{ev}"
+    );
     assert!(!c.agents[1].runs("web"), "node 2 started a partial tree");
 
     let mark = c.checker.mark();

@@ -34,6 +34,10 @@ fn stale_replica_is_refused_until_data_loss_is_accepted() {
     let snapshot = c.replica_counter(2, "web").expect("replica counter");
     let ev = c.wait_event("alert", seq);
     eprintln!("alert: {ev}");
+    assert!(
+        ev["message"].as_str().unwrap_or("").contains("max_rpo"),
+        "{ev}"
+    );
     assert!(!c.agents[1].runs("web"), "node 2 started a stale replica");
     let s = c.status().expect("status");
     assert!(!runs_on(&s, "web", 2, g1), "{s:#}");

@@ -56,7 +56,7 @@ pub fn handover(c: &Cluster, ip: &str, mark: usize, to: u64) -> (Option<Sample>,
         .checker
         .answers(ip, 0)
         .into_iter()
-        .filter(|a| a.ms < first.ms && a.node != Some(to))
-        .last();
+        .rev()
+        .find(|a| a.ms < first.ms && a.node != Some(to));
     (before, first)
 }
