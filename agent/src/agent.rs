@@ -158,6 +158,21 @@ pub async fn run(
                 .max_encoding_message_size(MAX_MESSAGE),
         )
         .serve_with_incoming_shutdown(incoming(listener), shutdown);
+    crate::sd_notify::notify("READY=1");
+    let watchdog = crate::sd_notify::watchdog_interval().map(|every| {
+        let node = Arc::clone(&node);
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(every);
+            loop {
+                t.tick().await;
+                if node.alive_within(every * 2) {
+                    crate::sd_notify::notify("WATCHDOG=1");
+                } else {
+                    tracing::error!("the node runtime is stuck; not feeding the systemd watchdog");
+                }
+            }
+        })
+    });
     let mut done = spawned.done;
     let (result, raft_ended) = tokio::select! {
         r = server => (r.map_err(|e| AgentError::Server(e.to_string())), false),
@@ -167,7 +182,8 @@ pub async fn run(
             Err(_) => Err(AgentError::RaftStopped("raft thread vanished".into())),
         }, true),
     };
-    for t in &tasks {
+    crate::sd_notify::notify("STOPPING=1");
+    for t in tasks.iter().chain(watchdog.as_ref()) {
         t.abort();
     }
     transport_task.abort();

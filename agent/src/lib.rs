@@ -12,6 +12,7 @@ pub mod model;
 pub mod peer_client;
 pub mod raft_loop;
 pub mod raft_node;
+pub mod sd_notify;
 pub mod state;
 pub mod submit;
 pub mod transport;

@@ -235,3 +235,43 @@ fn sync_push_serve_verify_through_the_cli() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("etc/hostname"));
 }
+
+/// `vsha vserver boot` starts the onboot vservers only; `halt` stops all.
+#[test]
+fn boot_starts_onboot_vservers_and_halt_stops_them() {
+    if !is_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let _parents = CgroupParents;
+    let d = tempfile::tempdir().unwrap();
+    let pid = std::process::id();
+    let (a, b) = (format!("boota{pid}"), format!("bootb{pid}"));
+    for n in [&a, &b] {
+        let tree = d.path().join(n);
+        ok(
+            &d,
+            &["vserver", "build", n, "--tree", tree.to_str().unwrap()],
+        );
+    }
+    struct StopAll<'a>(&'a tempfile::TempDir);
+    impl Drop for StopAll<'_> {
+        fn drop(&mut self) {
+            let _ = vsha(self.0, &["vserver", "halt"]);
+        }
+    }
+    let _stop = StopAll(&d);
+    let spec = d.path().join("cfg").join(format!("{a}.toml"));
+    let text = std::fs::read_to_string(&spec).unwrap();
+    assert!(text.contains("onboot = false"), "{text}");
+    std::fs::write(&spec, text.replace("onboot = false", "onboot = true")).unwrap();
+    let out = ok(&d, &["vserver", "boot"]);
+    assert!(out.contains(&format!("vserver {a} started")), "{out}");
+    assert_eq!(vsha(&d, &["vserver", "running", &a]).status.code(), Some(0));
+    assert_eq!(vsha(&d, &["vserver", "running", &b]).status.code(), Some(1));
+    // Booting again starts nothing twice.
+    assert_eq!(ok(&d, &["vserver", "boot"]).trim(), "nothing to do");
+    let out = ok(&d, &["vserver", "halt"]);
+    assert!(out.contains(&format!("vserver {a} stopped")), "{out}");
+    assert_eq!(vsha(&d, &["vserver", "running", &a]).status.code(), Some(1));
+}

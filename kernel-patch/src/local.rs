@@ -320,6 +320,63 @@ pub fn cgroup_dir(parent: &str, name: &str) -> Result<PathBuf> {
     Ok(crate::cgroup::ContextCgroup::locate(&layout, parent, name).v2)
 }
 
+/// The names of the specs in the config dir, sorted.
+pub fn spec_names(paths: &Paths) -> Result<Vec<String>> {
+    let rd = match std::fs::read_dir(&paths.config_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => {
+            return Err(Error::sys(format!("read {}", paths.config_dir.display()))(
+                e,
+            ))
+        }
+    };
+    let mut names: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            (p.extension().and_then(|x| x.to_str()) == Some("toml"))
+                .then(|| p.file_stem().and_then(|s| s.to_str()).map(str::to_string))
+                .flatten()
+        })
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
+/// `vsha vserver boot`: starts every vserver whose spec says `onboot` and
+/// that does not run yet (a standalone node's boot); one result each.
+pub fn boot(paths: &Paths) -> Result<Vec<(String, Result<()>)>> {
+    let mut out = Vec::new();
+    for name in spec_names(paths)? {
+        let spec = match VserverSpec::load(&paths.config_dir, &name) {
+            Ok(s) => s,
+            Err(e) => {
+                out.push((name, Err(e)));
+                continue;
+            }
+        };
+        if !spec.onboot || running(paths, &name).unwrap_or(false) {
+            continue;
+        }
+        let r = start_with(&linux()?, paths, &spec).map(|_| ());
+        out.push((name, r));
+    }
+    Ok(out)
+}
+
+/// `vsha vserver halt`: stops every running vserver of the config dir.
+pub fn halt(paths: &Paths) -> Result<Vec<(String, Result<()>)>> {
+    let mut out = Vec::new();
+    for name in spec_names(paths)? {
+        if running(paths, &name).unwrap_or(false) {
+            let r = stop(paths, &name);
+            out.push((name, r));
+        }
+    }
+    Ok(out)
+}
+
 /// `vsha vserver start NAME`.
 pub fn start(paths: &Paths, name: &str) -> Result<RunState> {
     let spec = VserverSpec::load(&paths.config_dir, name)?;

@@ -82,6 +82,9 @@ pub struct NodeRuntime {
     guard: Mutex<Option<GuardHandle>>,
     guard_exe: PathBuf,
     wake: Notify,
+    /// When the reconcile loop last went round (monotonic ms): the systemd
+    /// watchdog is fed only while it does.
+    last_round_ms: std::sync::atomic::AtomicU64,
     /// Set once replication exists (it holds this runtime too).
     replication: std::sync::OnceLock<std::sync::Weak<super::replication::Replication>>,
 }
@@ -123,6 +126,7 @@ impl NodeRuntime {
             guard: Mutex::new(None),
             guard_exe,
             wake: Notify::new(),
+            last_round_ms: std::sync::atomic::AtomicU64::new(mono_ms()),
             replication: std::sync::OnceLock::new(),
         }
     }
@@ -266,6 +270,16 @@ impl NodeRuntime {
             sh.events.remove(0);
         }
         sh.events.push(ev);
+    }
+
+    /// The reconcile loop went round within `d` (a hung node runtime stops
+    /// feeding the systemd watchdog, which then restarts the agent; the
+    /// guard fences what it ran).
+    pub fn alive_within(&self, d: Duration) -> bool {
+        let last = self
+            .last_round_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        mono_ms().saturating_sub(last) <= d.as_millis() as u64
     }
 
     pub fn set_replication(&self, r: &Arc<super::replication::Replication>) {
@@ -546,6 +560,8 @@ impl NodeRuntime {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
             }
+            self.last_round_ms
+                .store(mono_ms(), std::sync::atomic::Ordering::Relaxed);
             if !self.ensure_guard() {
                 // Without a guard nothing may run: the lease is dropped so
                 // the plan stops everything.

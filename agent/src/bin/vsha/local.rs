@@ -95,6 +95,11 @@ pub enum LocalVserverCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Start every vserver whose spec says `onboot = true` (a standalone
+    /// node's boot; the vsha-onboot systemd unit runs it).
+    Boot,
+    /// Stop every running vserver of the config dir.
+    Halt,
     /// Convert a legacy /etc/vservers/NAME.conf into the TOML spec.
     Import {
         conf: PathBuf,
@@ -174,6 +179,27 @@ pub fn vserver(cmd: LocalVserverCmd, lp: &LocalPaths) -> anyhow::Result<i32> {
         LocalVserverCmd::Stop { name } => {
             local::stop(&paths, &name)?;
             println!("vserver {name} stopped");
+        }
+        ref which @ (LocalVserverCmd::Boot | LocalVserverCmd::Halt) => {
+            let (verb, results) = if matches!(which, LocalVserverCmd::Boot) {
+                ("started", local::boot(&paths)?)
+            } else {
+                ("stopped", local::halt(&paths)?)
+            };
+            let mut failed = 0;
+            for (name, r) in &results {
+                match r {
+                    Ok(()) => println!("vserver {name} {verb}"),
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("vserver {name}: {e}");
+                    }
+                }
+            }
+            if results.is_empty() {
+                println!("nothing to do");
+            }
+            return Ok(i32::from(failed > 0));
         }
         LocalVserverCmd::Restart { name } => {
             let st = local::restart(&paths, &name)?;
