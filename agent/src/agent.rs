@@ -21,6 +21,7 @@ use crate::failover::leader::LeaderRuntime;
 use crate::failover::node::NodeRuntime;
 use crate::failover::replication::{replica_dir, Replication};
 use crate::liveness::Liveness;
+use crate::metrics::{Metrics, NodeLabel, ReplicaLabel, StateLabel};
 use crate::peer_client::{PeerClients, MAX_MESSAGE};
 use crate::raft_loop;
 use crate::raft_node::{CoreConfig, RaftCore, RaftError};
@@ -77,11 +78,13 @@ pub async fn run(
     let liveness = Liveness::default();
     let fo = &cfg.failover;
     let events = Arc::new(EventLog::new(fo.notify_command.clone()));
+    let metrics = Arc::new(Metrics::new());
     let leader = Arc::new(LeaderRuntime::new(
         raft.clone(),
         liveness.clone(),
         fo.clone(),
         events,
+        Arc::clone(&metrics),
     ));
     let run_dir = cfg.data_dir.join("run");
     let probe_wait = Duration::from_millis((fo.lease_ms / 5).clamp(50, 500));
@@ -115,6 +118,7 @@ pub async fn run(
         Arc::clone(&node),
         Arc::new(store),
         fo.replication_interval,
+        Arc::clone(&metrics),
     ));
     node.set_replication(&replication);
     let me = transport::Me {
@@ -127,12 +131,24 @@ pub async fn run(
         me,
         spawned.outgoing,
     ));
-    let tasks = [
+    let mut tasks = vec![
         tokio::spawn(Arc::clone(&node).renew_loop()),
         tokio::spawn(Arc::clone(&node).reconcile_loop()),
         tokio::spawn(Arc::clone(&leader).run(cfg.heartbeat_interval / 2)),
         tokio::spawn(Arc::clone(&replication).run()),
     ];
+    if let Some(addr) = cfg.metrics_listen {
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| AgentError::Server(format!("metrics_listen {addr}: {e}")))?;
+        let refresh = metrics_refresh(raft.clone(), liveness.clone(), Arc::clone(&leader));
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::clone(&metrics),
+            Arc::new(refresh),
+        )));
+        tracing::info!(%addr, "metrics on GET /metrics");
+    }
     let cluster = ClusterApi {
         raft: raft.clone(),
         submitter: Submitter::new(raft.clone(), peers.clone()),
@@ -248,4 +264,52 @@ async fn join(
         }
     }
     Err(err(format!("no answer after 30 attempts: {last}")))
+}
+
+/// Reads the gauges' current values at scrape time.
+fn metrics_refresh(
+    raft: crate::raft_loop::RaftHandle,
+    liveness: Liveness,
+    leader: Arc<LeaderRuntime>,
+) -> crate::metrics::Refresh {
+    Box::new(move |m: &Metrics| {
+        let view = raft.view();
+        m.raft_term.set(view.term as i64);
+        m.raft_leader.set(view.leader_id as i64);
+        m.raft_commit_index.set(view.commit as i64);
+        m.raft_applied_index.set(view.applied as i64);
+        m.lease_age_seconds.clear();
+        m.vservers.clear();
+        m.replica_lag_seconds.clear();
+        if !leader.is_leading() {
+            return;
+        }
+        let nodes: Vec<u64> = raft.read_state(|s| s.nodes.keys().copied().collect());
+        for n in nodes {
+            if let Some(h) = liveness.get(n) {
+                m.lease_age_seconds
+                    .get_or_create(&NodeLabel {
+                        node: n.to_string(),
+                    })
+                    .set(h.at.elapsed().as_secs_f64());
+            }
+        }
+        for (name, rt) in leader.runtime_view() {
+            let state = rt
+                .observed
+                .split(':')
+                .next()
+                .unwrap_or("unknown")
+                .to_string();
+            m.vservers.get_or_create(&StateLabel { state }).inc();
+            for l in rt.lag.iter().filter(|l| l.known) {
+                m.replica_lag_seconds
+                    .get_or_create(&ReplicaLabel {
+                        vserver: name.clone(),
+                        standby: l.node.to_string(),
+                    })
+                    .set(l.lag_ms as f64 / 1000.0);
+            }
+        }
+    })
 }

@@ -62,6 +62,8 @@ pub struct FileConfig {
     /// "kill" (default): vservers die with the agent; "detach": they keep running.
     pub on_agent_death: Option<String>,
     pub replication_interval_ms: Option<u64>,
+    /// HOST:PORT for Prometheus (`GET /metrics`); none = no exporter.
+    pub metrics_listen: Option<String>,
 }
 
 /// Flags given on the command line; each overrides the file's value.
@@ -101,6 +103,7 @@ pub struct AgentConfig {
     pub max_voters: usize,
     pub log_format: LogFormat,
     pub failover: FailoverSettings,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The timing profiles: what each trades is in docs/config.md.
@@ -333,6 +336,13 @@ impl AgentConfig {
             replication_interval: Duration::from_millis(f.replication_interval_ms.unwrap_or(1000)),
             renew_ms: heartbeat_interval_ms,
         };
+        let metrics_listen = match f.metrics_listen {
+            Some(m) => Some(
+                m.parse::<SocketAddr>()
+                    .map_err(|_| field("metrics_listen", format!("{m:?} is not IP:PORT")))?,
+            ),
+            None => None,
+        };
         Ok(AgentConfig {
             node_id,
             listen,
@@ -349,6 +359,7 @@ impl AgentConfig {
             max_voters: max_voters as usize,
             log_format,
             failover,
+            metrics_listen,
         })
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod controller;
 pub mod failover;
 pub mod liveness;
+pub mod metrics;
 pub mod model;
 pub mod peer_client;
 pub mod raft_loop;

@@ -559,3 +559,36 @@ fn corrupt_raft_log_stops_the_agent_with_a_clear_error() {
         "a clean refusal, not a panic: {err}"
     );
 }
+
+/// `metrics_listen`: Prometheus gets the raft figures and the leader's
+/// lease table from a real agent.
+#[test]
+fn metrics_are_served_over_http() {
+    let port = free_port("127.0.0.1");
+    let mut c = Cluster::with_config(1, 0, &format!("metrics_listen = \"127.0.0.1:{port}\"\n"));
+    agreed_leader(&c, &[1], 0);
+    let scrape = || -> Option<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        Some(text)
+    };
+    let text = wait_for("a scrape showing node 1 leading with a lease", || {
+        scrape().filter(|t| {
+            t.contains("vsha_raft_leader 1") && t.contains("vsha_lease_age_seconds{node=\"1\"}")
+        })
+    });
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    for family in [
+        "vsha_raft_term",
+        "vsha_raft_commit_index",
+        "vsha_failovers_total",
+        "# EOF",
+    ] {
+        assert!(text.contains(family), "no {family} in:\n{text}");
+    }
+    c.agent(1).stop();
+}

@@ -19,6 +19,7 @@ use crate::controller::{
     VserverReport,
 };
 use crate::liveness::Liveness;
+use crate::metrics::Metrics;
 use crate::model::NodeId;
 use crate::raft_loop::RaftHandle;
 use crate::state::ClusterState;
@@ -62,6 +63,8 @@ struct Inner {
     held: BTreeMap<String, HeldProposal>,
     moves: BTreeMap<String, MoveTrace>,
     alerts: BTreeMap<String, String>,
+    /// vserver → when a Stop was ordered for it (planned-move downtime).
+    stop_ordered_ms: BTreeMap<String, u64>,
     /// (vserver, node) → source time last written to the raft log.
     recorded: BTreeMap<(String, NodeId), u64>,
 }
@@ -83,6 +86,7 @@ impl Inner {
 pub struct LeaderRuntime {
     raft: RaftHandle,
     liveness: Liveness,
+    metrics: Arc<Metrics>,
     settings: FailoverSettings,
     inner: Mutex<Inner>,
     pub events: Arc<EventLog>,
@@ -98,6 +102,7 @@ impl LeaderRuntime {
         liveness: Liveness,
         settings: FailoverSettings,
         events: Arc<EventLog>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         let ctl = Controller::new(ControllerConfig {
             lease_ms: settings.lease_ms,
@@ -108,6 +113,7 @@ impl LeaderRuntime {
         LeaderRuntime {
             raft,
             liveness,
+            metrics,
             settings,
             inner: Mutex::new(Inner {
                 ctl,
@@ -119,6 +125,7 @@ impl LeaderRuntime {
                 held: BTreeMap::new(),
                 moves: BTreeMap::new(),
                 alerts: BTreeMap::new(),
+                stop_ordered_ms: BTreeMap::new(),
                 recorded: BTreeMap::new(),
             }),
             events,
@@ -351,6 +358,7 @@ impl LeaderRuntime {
                 node,
                 generation,
             } => {
+                inner.stop_ordered_ms.insert(vserver.clone(), now.mono_ms);
                 // A Stop supersedes the Start/Restart still queued before it.
                 if let Some(q) = inner.outbox.get_mut(&node) {
                     q.retain(|o| o.vserver != vserver || !is_start(o));
@@ -536,6 +544,19 @@ impl LeaderRuntime {
                 ms: now.mono_ms.saturating_sub(applied),
             });
             let total = phases.iter().map(|p| p.ms).sum::<u64>();
+            if matches!(m.reason, MoveReason::Failover | MoveReason::Forced) {
+                self.metrics.failovers.inc();
+                for p in &phases {
+                    self.metrics.observe_phase(&p.name, p.ms);
+                }
+            }
+            if m.reason.is_planned() {
+                if let Some(t) = inner.stop_ordered_ms.remove(name) {
+                    self.metrics
+                        .migration_downtime_seconds
+                        .observe(now.mono_ms.saturating_sub(t) as f64 / 1000.0);
+                }
+            }
             let kind = match m.reason {
                 MoveReason::Failover | MoveReason::Forced => "failover_done",
                 MoveReason::Place => "placed_running",

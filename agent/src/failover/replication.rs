@@ -72,6 +72,7 @@ struct Receiving {
 
 pub struct Replication {
     me: NodeId,
+    metrics: Arc<crate::metrics::Metrics>,
     raft: RaftHandle,
     peers: PeerClients,
     node: Arc<NodeRuntime>,
@@ -90,9 +91,11 @@ impl Replication {
         node: Arc<NodeRuntime>,
         store: Arc<Store>,
         interval: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Replication {
             me,
+            metrics,
             raft,
             peers,
             node,
@@ -222,6 +225,13 @@ impl Replication {
             .unwrap_or_else(|e| e.into_inner())
             .insert(key, state);
         let stats = r.map_err(|e| e.to_string())?;
+        self.metrics.replicated_bytes.inc_by(stats.bytes_sent);
+        self.metrics
+            .sync_round_seconds
+            .observe(stats.round_duration.as_secs_f64());
+        self.metrics
+            .journal_fallbacks
+            .inc_by(stats.journal_fallbacks);
         tracing::debug!(
             vserver = name,
             to,
