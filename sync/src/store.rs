@@ -1899,7 +1899,7 @@ impl<'a> Applier<'a> {
                 // entries changed, the undo area. (No syncfs: on a shared
                 // machine it would flush everyone's dirty data.)
                 live.clear();
-                undo::fsync_dirs(&touched, &c.index, live)?;
+                undo::fsync_dirs(&touched, &c.index, live.root())?;
                 rustix::fs::fsync(&sd).ctx("fsync", PathBuf::from("undo"))
             })
             .and_then(|()| {

@@ -324,23 +324,27 @@ pub(crate) fn set_dir_mtimes(
     Ok(())
 }
 
-/// fsync each of `dirs` that `index` holds as a directory.
+/// fsync each of `dirs` that `index` holds as a directory, in parallel
+/// (each fsync may wait for a device cache flush; concurrent ones share it).
 pub(crate) fn fsync_dirs(
     dirs: &[Vec<u8>],
     index: &crate::scan::Index,
-    tree: &mut DirCache,
+    root: BorrowedFd<'_>,
 ) -> Result<()> {
-    for d in dirs {
-        if !index.get(d).is_some_and(|e| e.kind == Kind::Dir) {
-            continue;
-        }
-        match tree.dir(d) {
-            Ok(fd) => rustix::fs::fsync(fd).ctx("fsync", fsops::p(d))?,
-            Err(SyncError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
+    use rayon::prelude::*;
+    let todo: Vec<&Vec<u8>> = dirs
+        .iter()
+        .filter(|d| index.get(d).is_some_and(|e| e.kind == Kind::Dir))
+        .collect();
+    crate::scan::io_pool().install(|| {
+        todo.par_iter().try_for_each(|d| match open_rel(root, d) {
+            Ok(fd) => rustix::fs::fsync(&fd).ctx("fsync", fsops::p(d)),
+            Err(SyncError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                Ok(())
+            }
+            Err(e) => Err(e),
+        })
+    })
 }
 
 /// Copy `name` in `from` to `to_name` in `to`: directories are re-created
