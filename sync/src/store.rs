@@ -1102,10 +1102,32 @@ enum Job {
         /// fsync it (a staged round: made durable file by file, not by syncfs).
         durable: bool,
     },
+    /// A copy of a file of the live tree with new metadata (a metadata-only
+    /// change: a committed inode is never modified).
+    Copy {
+        from: Arc<OwnedFd>,
+        from_name: Vec<u8>,
+        dir: Arc<OwnedFd>,
+        name: Vec<u8>,
+        entry: Entry,
+    },
 }
 
 fn run_job(job: Job) -> Result<()> {
     match job {
+        Job::Copy {
+            from,
+            from_name,
+            dir,
+            name,
+            entry,
+        } => {
+            let mut src = fsops::open_read(from.as_fd(), &from_name, &entry.path)?;
+            let mut f = fsops::create_file(dir.as_fd(), &name, &entry.path)?;
+            copy_all(&mut src, &mut f, &entry.path)?;
+            fsops::apply_meta_fd(f.as_fd(), &entry, true)?;
+            f.sync_all().ctx("fsync", fsops::p(&entry.path))
+        }
         Job::Write {
             dir,
             name,
@@ -1538,14 +1560,15 @@ impl<'a> Applier<'a> {
                         fsops::link(ffd.as_fd(), fname, dir.as_fd(), &name, &e.path)?;
                         self.linked_old.push(from);
                     } else {
-                        // Never change a shared inode: copy (in-kernel).
-                        let mut src = fsops::open_read(ffd.as_fd(), fname, &from)?;
-                        let mut f = fsops::create_file(dir.as_fd(), &name, &e.path)?;
-                        copy_all(&mut src, &mut f, &e.path)?;
-                        fsops::apply_meta_fd(f.as_fd(), &e, true)?;
-                        if stage.is_some() {
-                            f.sync_all().ctx("fsync", fsops::p(&e.path))?;
-                        }
+                        // Never change a shared inode: copy (in-kernel), on a
+                        // worker thread (copy and fsync are latency bound).
+                        self.workers.submit(Job::Copy {
+                            from: ffd,
+                            from_name: fname.to_vec(),
+                            dir,
+                            name,
+                            entry: e.clone(),
+                        })?;
                     }
                     self.push(e, stage);
                     Ok(None)
