@@ -2,6 +2,7 @@
 
 mod client;
 mod demo;
+mod docs_gen;
 mod local;
 mod ops;
 mod output;
@@ -17,7 +18,7 @@ use client::{connect, explain, DEFAULT_ENDPOINT};
 
 #[derive(Parser, Debug)]
 #[command(name = "vsha", version, about = "Operate a vsha cluster")]
-struct Cli {
+pub(crate) struct Cli {
     /// The agent to talk to.
     #[arg(long, global = true, env = "VSHA_ENDPOINT", default_value = DEFAULT_ENDPOINT, value_name = "HOST:PORT")]
     endpoint: String,
@@ -92,6 +93,10 @@ enum Cmd {
     /// What the cluster would do, without doing it.
     #[command(subcommand)]
     Simulate(ops::SimulateCmd),
+    /// Shell completions on stdout (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the man pages (vsha.1 and one per subcommand) into DIR.
+    Manpages { dir: std::path::PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -276,6 +281,15 @@ async fn run_offline(cli: Cli) -> anyhow::Result<Result<i32, Cli>> {
         Cmd::Ps { all, json } => local::ps(&cli.local, all, json)?,
         Cmd::Ctx(c) => local::ctx(c, &cli.local)?,
         Cmd::Sync(c) => sync_cmd::run(c).await?,
+        Cmd::Completions { shell } => {
+            docs_gen::completions(shell)?;
+            0
+        }
+        Cmd::Manpages { dir } => {
+            let n = docs_gen::manpages(&dir)?;
+            println!("{n} man pages written to {}", dir.display());
+            0
+        }
         Cmd::Vserver(VserverCmd::Local(c)) => local::vserver(c, &cli.local)?,
         Cmd::Vserver(VserverCmd::List {
             json, local: true, ..
@@ -298,6 +312,8 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         | Cmd::Ps { .. }
         | Cmd::Ctx(_)
         | Cmd::Sync(_)
+        | Cmd::Completions { .. }
+        | Cmd::Manpages { .. }
         | Cmd::Vserver(VserverCmd::Local(_)) => unreachable!("handled by run_offline"),
         Cmd::Status { json, stale } => {
             let s = c
