@@ -318,25 +318,22 @@ impl Checker {
         self.answers(ip, 0).pop()
     }
 
-    /// Waits (generously) for an answer on `ip` after `mark` that `f` likes.
-    pub fn wait_answer(
+    /// Waits (generously) for an answer on `ip` after `mark` that `f`
+    /// likes.
+    pub fn try_wait_answer(
         &self,
         ip: &str,
         mark: usize,
-        what: &str,
         mut f: impl FnMut(&Sample) -> bool,
-    ) -> Sample {
+    ) -> Option<Sample> {
         let deadline = Instant::now() + crate::PATIENCE;
         while Instant::now() < deadline {
             if let Some(s) = self.answers(ip, mark).into_iter().find(|s| f(s)) {
-                return s;
+                return Some(s);
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "timed out waiting for {what} on {ip}; last answer {:?}",
-            self.last_answer(ip)
-        );
+        None
     }
 
     /// Windows (start ms, end ms) without an answer on `ip`; an open

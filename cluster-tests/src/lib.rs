@@ -384,11 +384,11 @@ impl Cluster {
     }
 
     /// `vsha` through node `via` (1-based), from inside its namespace;
-    /// gives up after 20 s (a stopped agent never answers).
+    /// gives up after 60 s (a stopped agent never answers).
     pub fn vsha(&self, via: u64, args: &[&str]) -> Output {
         Command::new("nsenter")
             .arg(format!("--net={}", self.net.node(via).path()))
-            .args(["timeout", "-s", "KILL", "20"])
+            .args(["timeout", "-s", "KILL", "60"])
             .arg(binary("vsha"))
             .args(["--endpoint", &self.agents[via as usize - 1].addr])
             .args(args)
@@ -612,29 +612,62 @@ impl Cluster {
         Vec::new()
     }
 
-    pub fn last_event_seq(&self) -> u64 {
-        self.events()
+    /// Where the leader's event log stands now.
+    pub fn last_event_seq(&self) -> EventMark {
+        let leader = self
+            .status()
+            .and_then(|s| s["leader"].as_u64())
+            .unwrap_or(0);
+        let seq = self
+            .events()
             .iter()
             .filter_map(|e| e["seq"].as_u64())
             .max()
-            .unwrap_or(0)
+            .unwrap_or(0);
+        EventMark { leader, seq }
     }
 
-    /// The first event of `kind` after `after` (a leader change restarts
-    /// the numbering: then any event of that kind counts).
-    pub fn wait_event(&self, kind: &str, after: u64) -> Value {
+    /// The first event of `kind` after `after`. Each leader keeps its own
+    /// log: once the leader changed, any event of that kind in the new
+    /// leader's log counts.
+    pub fn wait_event(&self, kind: &str, after: EventMark) -> Value {
         let deadline = Instant::now() + PATIENCE;
         while Instant::now() < deadline {
+            let leader = self
+                .status()
+                .and_then(|s| s["leader"].as_u64())
+                .unwrap_or(0);
+            let from = if leader == after.leader { after.seq } else { 0 };
             if let Some(e) = self
                 .events()
                 .into_iter()
-                .find(|e| e["kind"] == kind && e["seq"].as_u64().unwrap_or(0) > after)
+                .find(|e| e["kind"] == kind && e["seq"].as_u64().unwrap_or(0) > from)
             {
                 return e;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        panic!("no {kind} event after seq {after}\n{}", self.logs());
+        panic!("no {kind} event after {after:?}\n{}", self.logs());
+    }
+
+    /// Waits (generously) for an answer on `ip` after the checker's `mark`
+    /// that `f` likes; panics with the agents' logs.
+    pub fn wait_answer(
+        &self,
+        ip: &str,
+        mark: usize,
+        what: &str,
+        f: impl FnMut(&Sample) -> bool,
+    ) -> Sample {
+        match self.checker.try_wait_answer(ip, mark, f) {
+            Some(s) => s,
+            None => panic!(
+                "timed out waiting for {what} on {ip}; last answer {:?}; status {:#}\n{}",
+                self.checker.last_answer(ip),
+                self.status().unwrap_or_default(),
+                self.logs()
+            ),
+        }
     }
 
     /// Panics if the invariant checker saw a violation.
@@ -746,6 +779,18 @@ impl Cluster {
             None
         }
     }
+}
+
+/// A position in the event log of one leader.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventMark {
+    pub leader: u64,
+    pub seq: u64,
+}
+
+impl EventMark {
+    /// Any event counts.
+    pub const START: EventMark = EventMark { leader: 0, seq: 0 };
 }
 
 /// The demo service's CGI: counter + 1, persisted with a rename, and the

@@ -60,10 +60,9 @@ fn agent_crash_with_vservers_running() {
             .is_some_and(|n| n.iter().filter(|n| n["id"] == 1).count() == 1)
             && vsha_cluster_tests::status::has_replica(s, "web", 1)
     });
-    c.checker
-        .wait_answer(&web, mark, "web answering from node 2", |a| {
-            a.node == Some(2)
-        });
+    c.wait_answer(&web, mark, "web answering from node 2", |a| {
+        a.node == Some(2)
+    });
     let s = c.status().expect("status");
     assert_eq!(vsha_cluster_tests::status::generation(&s, "web"), g2);
     assert_eq!(vsha_cluster_tests::status::generation(&s, "db"), g3);

@@ -24,8 +24,7 @@ fn full_standby_is_never_started_from_a_partial_copy() {
     let s = c.wait_for("web on node 1", |s| runs_on(s, "web", 1, 0));
     let g1 = vsha_cluster_tests::status::generation(&s, "web");
     let mark = c.checker.mark();
-    c.checker
-        .wait_answer(&ip, mark, "node 1 answering", |a| a.node == Some(1));
+    c.wait_answer(&ip, mark, "node 1 answering", |a| a.node == Some(1));
     // Rounds run (and fail) for a while.
     let seq = c.last_event_seq();
     std::thread::sleep(std::time::Duration::from_secs(3));
@@ -54,9 +53,7 @@ fn full_standby_is_never_started_from_a_partial_copy() {
 
     let mark = c.checker.mark();
     c.revive_node(1);
-    let back = c
-        .checker
-        .wait_answer(&ip, mark, "node 1 answering again", |a| a.node == Some(1));
+    let back = c.wait_answer(&ip, mark, "node 1 answering again", |a| a.node == Some(1));
     let n = back.counter.expect("counter");
     assert!(n > last1 && n <= last1 + 2, "counter {last1} -> {n}");
     c.wait_for("web on node 1", |s| {

@@ -61,10 +61,9 @@ fn health_restart_disable_enable_and_refused_takeover() {
         "a restart in place keeps the generation"
     );
     let mark = c.checker.mark();
-    c.checker
-        .wait_answer(&ip, mark, "node 1 answering after the restart", |a| {
-            a.node == Some(1)
-        });
+    c.wait_answer(&ip, mark, "node 1 answering after the restart", |a| {
+        a.node == Some(1)
+    });
 
     // Disabled, then a foreign machine takes the IP: enable is refused.
     c.ok(1, &["vserver", "disable", "web"]);
@@ -80,6 +79,13 @@ fn health_restart_disable_enable_and_refused_takeover() {
     assert!(ev["message"].as_str().unwrap().contains(&ip), "{ev}");
     assert!(!c.agents[0].runs("web"));
     c.net.foreign().ip(&["addr", "del", &cidr, "dev", "eth0"]);
+    // A refused retry is never retried again (see takeover_blocked.rs):
+    // disable/enable starts it whichever way the race went.
+    c.ok(1, &["vserver", "disable", "web"]);
+    c.wait_for("web stopped", |s| {
+        vserver(s, "web")["runtime"]["state"] == "stopped"
+    });
+    c.ok(1, &["vserver", "enable", "web"]);
     let s = c.wait_for("web running after the conflict is gone", |s| {
         vserver(s, "web")["runtime"]["state"] == "running"
     });

@@ -42,10 +42,9 @@ fn primary_in_minority_fences_before_majority_starts() {
     c.wait_for("node 1 back with a replica", |s| {
         runs_on(s, "web", 2, g1) && vsha_cluster_tests::status::has_replica(s, "web", 1)
     });
-    c.checker
-        .wait_answer(&ip, mark, "node 2 answering after the heal", |a| {
-            a.node == Some(2)
-        });
+    c.wait_answer(&ip, mark, "node 2 answering after the heal", |a| {
+        a.node == Some(2)
+    });
     let s = c.status().expect("status");
     assert_eq!(vsha_cluster_tests::status::generation(&s, "web"), g2);
     assert!(!c.agents[0].runs("web"));

@@ -41,7 +41,7 @@ fn nemesis_keeps_the_invariant_and_recovers() {
     let db = c.add_demo(1, "db", 2, &[3, 1], &[], &[]);
     for ip in [&web, &db] {
         let mark = c.checker.mark();
-        c.checker.wait_answer(ip, mark, "a first answer", |_| true);
+        c.wait_answer(ip, mark, "a first answer", |_| true);
     }
 
     let log = nemesis::run(&mut c, seed, Duration::from_secs(secs), &[1, 2, 3]);
@@ -59,8 +59,7 @@ fn nemesis_keeps_the_invariant_and_recovers() {
     });
     for ip in [&web, &db] {
         let mark = c.checker.mark();
-        c.checker
-            .wait_answer(ip, mark, "an answer after the faults", |_| true);
+        c.wait_answer(ip, mark, "an answer after the faults", |_| true);
     }
     eprintln!("nemesis schedule (seed {seed}):\n{}", log.join("\n"));
     let v = c.checker.violations();

@@ -45,9 +45,7 @@ fn stale_replica_is_refused_until_data_loss_is_accepted() {
     // The operator accepts the loss.
     let mark = c.checker.mark();
     c.ok(2, &["failover", "web", "--to", "2", "--accept-data-loss"]);
-    let first = c
-        .checker
-        .wait_answer(&ip, mark, "node 2 answering", |a| a.node == Some(2));
+    let first = c.wait_answer(&ip, mark, "node 2 answering", |a| a.node == Some(2));
     assert_eq!(
         first.counter,
         Some(snapshot + 1),

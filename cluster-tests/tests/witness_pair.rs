@@ -59,8 +59,7 @@ fn two_node_pair_with_witness_survives_agent_kill_and_stop() {
     c.wait_for("node 2 back with a replica", |s| {
         runs_on(s, "web", 1, g2) && vsha_cluster_tests::status::has_replica(s, "web", 2)
     });
-    c.checker
-        .wait_answer(&ip, mark, "node 1 answering", |a| a.node == Some(1));
+    c.wait_answer(&ip, mark, "node 1 answering", |a| a.node == Some(1));
     let s = c.status().expect("status");
     assert_eq!(generation(&s, "web"), g3);
     assert!(!c.agents[1].runs("web"));

@@ -26,10 +26,9 @@ pub fn settled(c: &Cluster, name: &str, ip: &str, node: u64, standby: u64, above
         |s| runs_on(s, name, node, above) && has_replica(s, name, standby),
     );
     let mark = c.checker.mark();
-    c.checker
-        .wait_answer(ip, mark, &format!("an answer from node {node}"), |a| {
-            a.node == Some(node)
-        });
+    c.wait_answer(ip, mark, &format!("an answer from node {node}"), |a| {
+        a.node == Some(node)
+    });
     vsha_cluster_tests::status::generation(&s, name)
 }
 
@@ -47,11 +46,9 @@ pub fn replicated_counter(c: &Cluster, node: u64, name: &str, min: u64) -> u64 {
 /// The first answer from `to` after `mark`, and the last answer from
 /// another node before it.
 pub fn handover(c: &Cluster, ip: &str, mark: usize, to: u64) -> (Option<Sample>, Sample) {
-    let first = c
-        .checker
-        .wait_answer(ip, mark, &format!("an answer from node {to}"), |a| {
-            a.node == Some(to)
-        });
+    let first = c.wait_answer(ip, mark, &format!("an answer from node {to}"), |a| {
+        a.node == Some(to)
+    });
     let before = c
         .checker
         .answers(ip, 0)
