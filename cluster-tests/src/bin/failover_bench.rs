@@ -145,10 +145,11 @@ fn run_profile(profile: &str, trials: usize) -> Value {
         .config("replication_interval_ms = 500")
         .tag(&profile[..1])
         .start();
-    // A static page, not the counting demo service: the service's writes
-    // (a temp file renamed over the counter) trip a replication bug on a
-    // node that ran the vserver in place (see the ignored test in
-    // tests/migration_counter.rs), which stalls the planned migrations.
+    // A static page, not the counting demo service: with the service's
+    // writes (a temp file renamed over the counter) one run stalled in the
+    // planned migrations: the target, which had run the vserver in place
+    // from its replica, refused every round ("rename to undo
+    // data/counter.tmp: No such file or directory").
     c.build_tree(1, VS, &[("www/index.html", "ok\n")]);
     c.ok(
         1,
