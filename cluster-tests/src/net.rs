@@ -81,12 +81,6 @@ impl Netns {
             .is_ok_and(|o| o.status.success())
     }
 
-    /// Kept for the tests of the single-namespace era: `ip ARGS` in here.
-    pub fn exec(&self, args: &[&str]) -> Output {
-        assert_eq!(args.first(), Some(&"ip"), "exec runs ip only");
-        self.ip(&args[1..])
-    }
-
     /// A command in the namespace's network only (`ip netns exec` would
     /// remount /sys and hide the cgroup2 mount).
     pub fn command(&self, program: &Path) -> Command {
