@@ -150,7 +150,7 @@ impl Metrics {
         );
         registry.register(
             "journal_fallbacks",
-            "Replication rounds that fell back to a full scan (the agent's rounds scan in full: always 0 until the change journal is on)",
+            "Replication rounds that fell back to a full scan (change journal unavailable or overflowed)",
             m.journal_fallbacks.clone(),
         );
         Metrics { registry, ..m }

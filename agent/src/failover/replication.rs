@@ -215,7 +215,12 @@ impl Replication {
             src,
             name.to_string(),
             None,
-            PushOptions::default(),
+            PushOptions {
+                // fanotify (root): rounds rescan only the directories that
+                // changed; sync/ falls back to a full scan when it cannot.
+                journal: true,
+                ..PushOptions::default()
+            },
             state,
         )
         .await;
