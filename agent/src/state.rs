@@ -293,6 +293,9 @@ impl ClusterState {
             } => {
                 if let Some(vs) = self.vservers.get_mut(vserver) {
                     let desired = vs.desired();
+                    // The new holder runs the live tree: what it held as a
+                    // replica is no replica any more.
+                    vs.replicas.remove(node);
                     vs.placement = Some(crate::model::Placement {
                         node: *node,
                         generation: *generation,
@@ -538,7 +541,18 @@ mod tests {
             expect_generation,
             reason: "test".into(),
         };
+        s.apply(&Command::RecordReplica {
+            vserver: "web".into(),
+            node: 1,
+            snapshot_source_unix_ms: 5,
+            digest: "d".into(),
+        })
+        .unwrap();
         s.apply(&place(1, 1, 0)).unwrap();
+        assert!(
+            s.vservers["web"].replicas.is_empty(),
+            "the new holder's replica record is dropped"
+        );
         // Two moves racing from generation 1: the first wins, the second is
         // refused and changes nothing.
         s.apply(&place(2, 2, 1)).unwrap();

@@ -430,6 +430,11 @@ impl Store {
         for e in std::fs::read_dir(&m).ctx("readdir", &m)? {
             let e = e.ctx("readdir", &m)?;
             if let Some(n) = e.file_name().to_str() {
+                if n.starts_with(".forgotten-") {
+                    // A `forget` cut short: finish it.
+                    let _ = std::fs::remove_dir_all(e.path());
+                    continue;
+                }
                 if check_name(n).is_ok() {
                     let r = s
                         .lock(n)
@@ -618,6 +623,45 @@ impl Store {
     /// Whether `name` is marked unified.
     pub fn is_unified(&self, name: &str) -> bool {
         self.tpath(name).join("unified").exists()
+    }
+
+    /// Forgets everything about `name`: its live tree, manifest and undo
+    /// areas are removed, so the next round is a full initial copy.
+    ///
+    /// For a tree that was used outside the store (the agent ran a vserver
+    /// from its replica): its files no longer match the manifest, and a
+    /// round that trusted the manifest would leave those changes behind.
+    /// Waits for a round of `name` in progress to end first.
+    pub fn forget(&self, name: &str) -> Result<()> {
+        let _busy = self.lock(name)?;
+        self.uncache(name);
+        let link = self.dir.join(name);
+        match std::fs::symlink_metadata(&link) {
+            Ok(m) if m.file_type().is_symlink() => {
+                std::fs::remove_file(&link).ctx("unlink", &link)?;
+            }
+            Ok(_) => {
+                return Err(crate::entry::malformed(
+                    "store",
+                    "the tree's name in the store is not the store's link",
+                ))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).ctx("lstat", &link),
+        }
+        let tp = self.tpath(name);
+        if tp.exists() {
+            // Out of the way in one rename (an interrupted removal must not
+            // look like a tree), then removed.
+            let gone = self
+                .dir
+                .join(".vsha")
+                .join(format!(".forgotten-{name}-{}", std::process::id()));
+            std::fs::rename(&tp, &gone).ctx("rename", &tp)?;
+            std::fs::remove_dir_all(&gone).ctx("remove", &gone)?;
+        }
+        tracing::info!(name, "replica forgotten; the next round copies it whole");
+        Ok(())
     }
 
     /// Names of all trees with a current snapshot.

@@ -141,3 +141,26 @@ async fn restarted_sender_needs_no_resend() {
         "manifest was transferred again"
     );
 }
+
+/// A replica changed outside the store (the agent ran a vserver from it)
+/// no longer matches its manifest; after `forget`, one round makes it
+/// equal to the source again, from the same sender.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_replica_is_copied_whole_again() {
+    init_tracing();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    rich_tree(&src);
+    let mut pair = Pair::new(&t.path().join("dst"));
+    pair.round(&src, "web").await.unwrap();
+    let live = pair.current("web");
+    write(&live.join("etc/written-by-the-vserver"), b"local");
+    std::fs::remove_file(live.join("etc/dangling")).unwrap();
+    pair.store.forget("web").unwrap();
+    assert!(pair.store.current("web").unwrap().is_none());
+    let s = pair.round(&src, "web").await.unwrap();
+    assert!(!s.unchanged, "{s:?}");
+    assert_same(&src, &pair.current("web"));
+    // Forgetting a name the store never had is fine.
+    pair.store.forget("never").unwrap();
+}

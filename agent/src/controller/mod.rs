@@ -822,6 +822,9 @@ impl Controller {
             return;
         };
         let holder = p.node;
+        // The holder runs the live tree; a replica it reported before is
+        // stale from now on (it must never qualify it as a standby later).
+        self.replicas.remove(&(name.to_string(), holder));
         if p.desired == Desired::Stopped {
             // Never moved nor started; a copy the holder still reports
             // running is stopped (strays elsewhere are handled above).

@@ -766,3 +766,39 @@ fn migrate_to_a_node_that_cannot_host_alerts_and_keeps_running() {
     );
     assert_eq!(alerts(&cmds)[0].kind, AlertKind::NoEligibleNode);
 }
+
+#[test]
+fn a_replica_reported_before_a_node_held_the_vserver_never_qualifies_it_later() {
+    let mut s = cluster(Failback::Never);
+    s.vservers.get_mut("web").unwrap().spec.max_rpo_ms = 0;
+    let mut c = leader(&s, 0);
+    // Node 1 reported a replica while node 2 held web...
+    place(&mut s, "web", 2, 1);
+    c.step(
+        &s,
+        Now::at(100),
+        Event::Replica {
+            vserver: "web".into(),
+            node: 1,
+            source_unix_ms: 90,
+        },
+    );
+    // ...then held it itself (generation 2) and lost it to node 2 (3).
+    place(&mut s, "web", 1, 2);
+    renew(&mut c, &s, 1000, &[1, 2]);
+    tick(&mut c, &s, 1000);
+    place(&mut s, "web", 2, 3);
+    renew(&mut c, &s, 2000, &[1, 2]);
+    tick(&mut c, &s, 2000);
+    // Node 2 dies; node 1 has no replica taken since it ran web.
+    let t = 2000 + LEASE + MARGIN + 10;
+    let mut cmds = renew(&mut c, &s, t, &[1]);
+    cmds.extend(tick(&mut c, &s, t));
+    assert!(proposals(&cmds).is_empty(), "{cmds:?}");
+    assert!(
+        alerts(&cmds)[0]
+            .message
+            .contains("node 1 has no complete replica"),
+        "{cmds:?}"
+    );
+}

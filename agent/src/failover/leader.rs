@@ -588,6 +588,17 @@ impl LeaderRuntime {
     /// Writes replica progress to the raft log now and then, so a new
     /// leader knows how fresh each standby is.
     fn record_replicas(self: &Arc<Self>, inner: &mut Inner) {
+        // The holder of a vserver has no replica of it.
+        let holders: Vec<(String, NodeId)> = self.raft.read_state(|s| {
+            s.vservers
+                .iter()
+                .filter_map(|(n, v)| v.placement.as_ref().map(|p| (n.clone(), p.node)))
+                .collect()
+        });
+        for key in holders {
+            inner.replicas.remove(&key);
+            inner.recorded.remove(&key);
+        }
         for ((name, node), r) in &inner.replicas {
             let last = inner
                 .recorded

@@ -353,6 +353,24 @@ impl NodeRuntime {
         self.persist_held(&held);
     }
 
+    fn ran_from_replica_path(&self, name: &str) -> PathBuf {
+        self.host
+            .paths
+            .run_dir
+            .join(format!("ran-from-replica.{name}"))
+    }
+
+    /// This node ran `name` from its replica, so the replica no longer
+    /// matches sync/'s manifest: the store must forget it before it
+    /// receives `name` again. Kept on disk across agent restarts.
+    pub fn replica_must_be_forgotten(&self, name: &str) -> bool {
+        self.ran_from_replica_path(name).exists()
+    }
+
+    pub fn replica_forgotten(&self, name: &str) {
+        let _ = std::fs::remove_file(self.ran_from_replica_path(name));
+    }
+
     pub fn record_replica(&self, r: pb::ReplicaReport) {
         let mut sh = self.lock();
         sh.replicas.insert((r.vserver.clone(), r.node), r);
@@ -840,6 +858,22 @@ impl NodeRuntime {
             return;
         }
         self.forget_held_replica(name);
+        let replicas = super::replication::replica_dir(&self.host.vserver_root);
+        if k.tree.starts_with(&replicas)
+            || std::fs::canonicalize(&replicas).is_ok_and(|r| k.tree.starts_with(r))
+        {
+            if let Err(e) = std::fs::write(self.ran_from_replica_path(name), b"") {
+                // Without the mark a later round could trust a stale
+                // manifest: refuse to run it.
+                self.failed(
+                    name,
+                    generation,
+                    format!("cannot mark the replica in use: {e}"),
+                );
+                self.guard_send(&GuardMsg::Release(name.to_string()));
+                return;
+            }
+        }
         match self.host.start(&k) {
             Ok(t) => {
                 let mut sh = self.lock();

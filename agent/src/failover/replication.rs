@@ -267,6 +267,19 @@ impl Replication {
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.may_receive(&name, first.generation)?;
         let first_source = first.source_unix_ms;
+        if self.node.replica_must_be_forgotten(&name) {
+            let store = Arc::clone(&self.store);
+            let n = name.clone();
+            tokio::task::spawn_blocking(move || store.forget(&n))
+                .await
+                .map_err(|e| Status::internal(format!("forgetting the replica: {e}")))?
+                .map_err(|e| {
+                    Status::internal(format!(
+                        "vserver: forgetting the replica {name} ran from: {e}"
+                    ))
+                })?;
+            self.node.replica_forgotten(&name);
+        }
         let (ours, theirs) = tokio::io::duplex(CHUNK * 2);
         let (rd, mut wr) = tokio::io::split(theirs);
         let (cancel_tx, mut cancel_rx) = oneshot::channel::<()>();
