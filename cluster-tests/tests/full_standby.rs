@@ -62,3 +62,43 @@ fn full_standby_is_never_started_from_a_partial_copy() {
     assert!(!c.agents[1].runs("web"));
     c.finish();
 }
+
+/// A migration to a standby that cannot take the final delta (its root is
+/// full) is abandoned after the final-sync timeout: the vserver starts
+/// again on its node, with an alert saying why; nothing is lost.
+#[test]
+fn migration_to_a_full_standby_is_abandoned_and_the_vserver_restarts() {
+    if !root_and_busybox() {
+        return;
+    }
+    let mut c = Cluster::new(3)
+        .config("replication_interval_ms = 500")
+        .small_root(2, "1m")
+        .tag("fm")
+        .start();
+    c.demo_tree(1, "web");
+    let ip = c.add_demo(1, "web", 1, &[2], &[], &[]);
+    let s = c.wait_for("web on node 1", |s| runs_on(s, "web", 1, 0));
+    let g1 = vsha_cluster_tests::status::generation(&s, "web");
+    let mark = c.checker.mark();
+    let before = c.wait_answer(&ip, mark, "node 1 answering", |a| a.node == Some(1));
+    let seq = c.last_event_seq();
+    // `vsha migrate` waits for the outcome and reports the refusal.
+    let out = c.vsha(1, &["migrate", "web", "--to", "2", "--timeout", "120"]);
+    assert!(!out.status.success(), "the migration cannot succeed");
+    let ev = c.wait_event("alert", seq);
+    assert!(
+        ev["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("move aborted"),
+        "{ev}"
+    );
+    let s = c.wait_for("web running on node 1 again", |s| runs_on(s, "web", 1, g1));
+    assert!(vsha_cluster_tests::status::generation(&s, "web") > g1);
+    assert!(!c.agents[1].runs("web"));
+    let mark = c.checker.mark();
+    let after = c.wait_answer(&ip, mark, "node 1 answering again", |a| a.node == Some(1));
+    assert!(after.counter > before.counter, "the counter went back");
+    c.finish();
+}

@@ -54,7 +54,6 @@ fn ip_answered_elsewhere_blocks_takeover_with_an_event() {
 /// The takeover is refused at the start and again at the controller's
 /// first restart; once the IP is free, the standby must start it.
 #[test]
-#[ignore = "bug: a takeover refused twice is never retried (the node keeps its restart count on a failed restart, the controller sends one Restart per (vserver, generation, restarts))"]
 fn takeover_refused_twice_is_retried_once_the_ip_is_free() {
     if !root_and_busybox() {
         return;

@@ -47,6 +47,15 @@ struct HeldProposal {
     change: PlacementChange,
     /// The standby must report a replica whose source is at least this.
     since_unix_ms: u64,
+    /// When the first final sync of this move was ordered (monotonic ms).
+    first_ms: u64,
+}
+
+/// A move whose final delta has not arrived after this long is abandoned:
+/// the vserver starts again where it was (a stopped vserver must not wait
+/// for a standby that cannot take the delta).
+fn final_sync_timeout_ms(lease_ms: u64) -> u64 {
+    (10 * lease_ms).max(30_000)
 }
 
 fn is_start(o: &pb::Order) -> bool {
@@ -407,6 +416,12 @@ impl LeaderRuntime {
                     vserver.clone(),
                     generation,
                 );
+                // A retry of the same move keeps its first time (timeout).
+                let first_ms = inner
+                    .held
+                    .get(&vserver)
+                    .filter(|h| h.change.to == to && h.change.expect_generation == generation)
+                    .map_or(now.mono_ms, |h| h.first_ms);
                 inner.held.insert(
                     vserver.clone(),
                     HeldProposal {
@@ -419,6 +434,7 @@ impl LeaderRuntime {
                             reason: MoveReason::Drain,
                         },
                         since_unix_ms: now.unix_ms,
+                        first_ms,
                     },
                 );
             }
@@ -481,7 +497,42 @@ impl LeaderRuntime {
 
     /// Proposals held for a final sync go out once the target reports a
     /// replica taken after the vserver stopped.
-    fn release_held(self: &Arc<Self>, inner: &mut Inner, _now: Now) {
+    fn release_held(self: &Arc<Self>, inner: &mut Inner, now: Now) {
+        let limit = final_sync_timeout_ms(self.settings.lease_ms);
+        let expired: Vec<String> = inner
+            .held
+            .iter()
+            .filter(|(_, h)| now.mono_ms.saturating_sub(h.first_ms) > limit)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in expired {
+            let Some(h) = inner.held.remove(&name) else {
+                continue;
+            };
+            let Some(from) = h.change.from else {
+                continue;
+            };
+            let msg = format!(
+                "move aborted: the final delta of {name} to node {} did not arrive within {} s; it starts again on node {from}",
+                h.change.to,
+                limit / 1000
+            );
+            inner
+                .alerts
+                .insert(name.clone(), format!("move aborted: {msg}"));
+            self.events
+                .record(EventLog::event("alert", &name, from, msg));
+            // Back on the holder at a new generation: the compare-and-set
+            // voids the held move for good.
+            self.propose(PlacementChange {
+                vserver: name,
+                from: Some(from),
+                to: from,
+                generation: h.change.expect_generation + 1,
+                expect_generation: h.change.expect_generation,
+                reason: MoveReason::Replace,
+            });
+        }
         let ready: Vec<String> = inner
             .held
             .iter()

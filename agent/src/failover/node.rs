@@ -849,12 +849,12 @@ impl NodeRuntime {
         let held = match self.host.held(&k) {
             Ok(h) => h,
             Err(e) => {
-                self.failed(name, generation, e.to_string());
+                self.failed(name, generation, e.to_string(), restart);
                 return;
             }
         };
         if !self.guard_send(&GuardMsg::Hold(name.to_string(), held)) {
-            self.failed(name, generation, "the guard is not running".into());
+            self.failed(name, generation, "the guard is not running".into(), restart);
             return;
         }
         self.forget_held_replica(name);
@@ -869,6 +869,7 @@ impl NodeRuntime {
                     name,
                     generation,
                     format!("cannot mark the replica in use: {e}"),
+                    restart,
                 );
                 self.guard_send(&GuardMsg::Release(name.to_string()));
                 return;
@@ -920,18 +921,22 @@ impl NodeRuntime {
                     "start_failed"
                 };
                 self.event(kind, name, e.to_string());
-                self.failed(name, generation, e.to_string());
+                self.failed(name, generation, e.to_string(), restart);
             }
         }
     }
 
-    fn failed(&self, name: &str, generation: u64, reason: String) {
+    /// Records a failed start. A failed restart counts as a restart, so
+    /// the leader (which answers each restart count once) orders another
+    /// one, up to `max_restarts`, then moves the vserver.
+    fn failed(&self, name: &str, generation: u64, reason: String, restart: bool) {
         let mut sh = self.lock();
         let restarts = sh
             .local
             .get(name)
             .filter(|l| l.generation == generation)
-            .map_or(0, |l| l.restarts);
+            .map_or(0, |l| l.restarts)
+            + u32::from(restart);
         sh.local.insert(
             name.to_string(),
             LocalVserver {
