@@ -92,3 +92,49 @@ fn health_restart_disable_enable_and_refused_takeover() {
     assert_eq!(generation(&s, "web"), g1);
     c.finish();
 }
+
+/// TCP health checks: a port the service listens on keeps the vserver
+/// healthy; a port nobody listens on fails it (and the leader restarts it).
+#[test]
+fn tcp_health_checks_connect_to_the_vserver_ip() {
+    if !root_and_busybox() {
+        return;
+    }
+    let mut c = Cluster::new(3)
+        .config("replication_interval_ms = 1000")
+        .config("max_restarts = 1000")
+        .tag("ht")
+        .start();
+    c.demo_tree(1, "good");
+    c.demo_tree(1, "bad");
+    let tcp = ["--health-interval", "300", "--health-fall", "2"];
+    let good = c.add_demo(
+        3,
+        "good",
+        1,
+        &[2],
+        &[&["--health-tcp", "80"][..], &tcp].concat(),
+        &[],
+    );
+    let seq = c.last_event_seq();
+    c.add_demo(
+        3,
+        "bad",
+        1,
+        &[2],
+        &[&["--health-tcp", "81"][..], &tcp].concat(),
+        &[],
+    );
+    let ev = c.wait_event("health_failed", seq);
+    assert_eq!(ev["vserver"], "bad", "{ev}");
+    assert!(
+        ev["message"].as_str().unwrap_or("").contains(":81"),
+        "the reason names the port: {ev}"
+    );
+    c.wait_event("restarted", seq);
+    settled(&c, "good", &good, 1, 2, 0);
+    let s = c.status().expect("status");
+    assert_eq!(vserver(&s, "good")["runtime"]["restarts"], 0, "{s:#}");
+    assert!(runs_on(&s, "good", 1, 0));
+    c.finish();
+}
