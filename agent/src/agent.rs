@@ -102,7 +102,6 @@ pub async fn run(
         peers.clone(),
         Arc::clone(&leader),
         fo.clone(),
-        cfg.heartbeat_interval,
         host,
         guard_exe,
     ));

@@ -78,25 +78,8 @@ struct Cgroups(Vec<PathBuf>);
 
 impl Drop for Cgroups {
     fn drop(&mut self) {
-        for dir in &self.0 {
-            let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        for dir in &self.0 {
-            remove_cgroup_tree(dir);
-        }
+        vsha_kernel::cgroup::kill_and_remove_trees(&self.0, Duration::from_secs(5));
     }
-}
-
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }
 
 pub fn populated(cg: &Path) -> bool {

@@ -130,6 +130,37 @@ impl CgroupLayout {
     }
 }
 
+/// Kills every process under each of `dirs` (cgroup2 directories, e.g. a
+/// node's `cgroup_parent`), waits up to `wait` for them to empty, then
+/// removes the directories, children first. Best effort: for cleanup
+/// (`vsha demo`, test harnesses) where nothing else is left to do on error.
+pub fn kill_and_remove_trees(dirs: &[PathBuf], wait: Duration) {
+    for d in dirs {
+        let _ = fs::write(d.join("cgroup.kill"), "1");
+    }
+    let populated = |d: &Path| {
+        fs::read_to_string(d.join("cgroup.events"))
+            .is_ok_and(|s| s.lines().any(|l| l == "populated 1"))
+    };
+    let end = Instant::now() + wait;
+    while dirs.iter().any(|d| populated(d)) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    fn remove_tree(dir: &Path) {
+        if let Ok(rd) = fs::read_dir(dir) {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&e.path());
+                }
+            }
+        }
+        let _ = fs::remove_dir(dir);
+    }
+    for d in dirs {
+        remove_tree(d);
+    }
+}
+
 /// The cgroups of one context.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContextCgroup {

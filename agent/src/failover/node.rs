@@ -76,6 +76,7 @@ pub struct NodeRuntime {
     peers: PeerClients,
     leader: Arc<LeaderRuntime>,
     settings: FailoverSettings,
+    /// The renewal interval (`settings.renew_ms`).
     heartbeat: Duration,
     pub host: Host,
     shared: Mutex<Shared>,
@@ -98,10 +99,10 @@ impl NodeRuntime {
         peers: PeerClients,
         leader: Arc<LeaderRuntime>,
         settings: FailoverSettings,
-        heartbeat: Duration,
         host: Host,
         guard_exe: PathBuf,
     ) -> Self {
+        let heartbeat = Duration::from_millis(settings.renew_ms);
         let lease = NodeLease::new(settings.lease_ms, settings.fence_lead_ms);
         NodeRuntime {
             me,

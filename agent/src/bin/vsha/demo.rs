@@ -83,28 +83,11 @@ impl Drop for Demo {
         for n in &mut self.nodes {
             stop(n);
         }
-        for cg in &self.cgroups {
-            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        for cg in &self.cgroups {
-            remove_cgroup_tree(cg);
-        }
+        vsha_kernel::cgroup::kill_and_remove_trees(&self.cgroups, Duration::from_secs(5));
         if self.remove_dir {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
-}
-
-fn remove_cgroup_tree(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_cgroup_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }
 
 /// SIGTERM (the agent's guard then stops its vservers), then SIGKILL.
