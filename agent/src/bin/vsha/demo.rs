@@ -207,7 +207,9 @@ fn show(s: &pb::StatusResponse) {
 fn hit() -> Option<String> {
     let addr: SocketAddr = format!("{IP}:80").parse().ok()?;
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(200)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    // Short: a request cut by the fencing of the old copy must not stall
+    // the outage measurement.
+    s.set_read_timeout(Some(Duration::from_millis(300))).ok()?;
     s.write_all(b"GET /cgi-bin/count HTTP/1.0\r\n\r\n").ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
