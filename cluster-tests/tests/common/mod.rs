@@ -46,14 +46,16 @@ pub fn replicated_counter(c: &Cluster, node: u64, name: &str, min: u64) -> u64 {
 /// The first answer from `to` after `mark`, and the last answer from
 /// another node before it.
 pub fn handover(c: &Cluster, ip: &str, mark: usize, to: u64) -> (Option<Sample>, Sample) {
+    // Answers with a counter only: a sample identified by its ARP entry
+    // alone carries none.
     let first = c.wait_answer(ip, mark, &format!("an answer from node {to}"), |a| {
-        a.node == Some(to)
+        a.node == Some(to) && a.counter.is_some()
     });
     let before = c
         .checker
         .answers(ip, 0)
         .into_iter()
         .rev()
-        .find(|a| a.ms < first.ms && a.node != Some(to));
+        .find(|a| a.ms < first.ms && a.node != Some(to) && a.counter.is_some());
     (before, first)
 }
