@@ -513,3 +513,625 @@ pub fn rescan_dirs(
     let idx = finish(root, out, Some(prev), want, &mut st)?;
     Ok((idx, st))
 }
+
+/// Leaves of the tree digest (`Entry::leaf` of every entry), in parallel.
+pub(crate) fn leaves_of(entries: &[Entry]) -> Vec<[u8; 32]> {
+    if entries.len() > 4096 {
+        entries.par_iter().map(|e| e.leaf()).collect()
+    } else {
+        entries.iter().map(|e| e.leaf()).collect()
+    }
+}
+
+/// [`scan_with`], also returning the digest's leaves (kept by the sender so
+/// that later journal rounds re-hash only the entries they change).
+pub(crate) fn scan_with_leaves(
+    root: &Path,
+    prev: Option<&Index>,
+    want: Want<'_>,
+) -> Result<(Index, Vec<[u8; 32]>)> {
+    let (idx, _) = scan_with(root, prev, want)?;
+    let leaves = leaves_of(&idx.entries);
+    Ok((idx, leaves))
+}
+
+/// What re-listing some directories found, relative to the index they were
+/// listed against: which of its entries go, which come.
+#[derive(Debug, Default)]
+pub(crate) struct Changes {
+    /// Indices of the previous index's entries that are replaced or gone
+    /// (sorted, unique).
+    pub removed: Vec<usize>,
+    /// Fresh entries in tree order, unique paths, hashes filled as
+    /// [`finish`] would (cached or hashed when wanted), `link` not yet set.
+    pub added: Vec<Entry>,
+    /// Directories listed.
+    pub dirs_listed: u64,
+}
+
+/// `p` lies strictly below `pre` (the root "" holds every other path).
+fn under(p: &[u8], pre: &[u8]) -> bool {
+    if pre.is_empty() {
+        return !p.is_empty();
+    }
+    p.len() > pre.len() && p.starts_with(pre) && p[pre.len()] == b'/'
+}
+
+/// Index range of the entries strictly below `p` in a tree-ordered list: a
+/// directory's subtree is contiguous right after it.
+fn subtree(entries: &[Entry], p: &[u8]) -> std::ops::Range<usize> {
+    let start = entries.partition_point(|e| key_cmp(&e.path, p) != std::cmp::Ordering::Greater);
+    let len = entries[start..].partition_point(|e| under(&e.path, p));
+    start..start + len
+}
+
+/// One re-listed directory.
+enum Listed {
+    /// Gone: it and its previous subtree go.
+    Gone(Vec<u8>),
+    /// No longer a directory: its previous subtree goes.
+    NotDir(Entry),
+    /// Listed: the directory, its children, and the children that are new
+    /// or replaced directories (to be walked in full).
+    Dir(Entry, Vec<Entry>, Vec<Vec<u8>>),
+}
+
+fn list_one(root: &Path, dev: u64, prev: &Index, d: &[u8]) -> Result<Listed> {
+    let de = match stat_entry(root, d.to_vec()) {
+        Ok(e) => e,
+        Err(crate::error::SyncError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            return Ok(Listed::Gone(d.to_vec()))
+        }
+        Err(e) => return Err(e),
+    };
+    if de.kind != Kind::Dir {
+        return Ok(Listed::NotDir(de));
+    }
+    let p = join(root, d);
+    let rd = match std::fs::read_dir(&p) {
+        Ok(rd) => rd,
+        // Removed between the stat and the listing: a concurrent delete.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Listed::Gone(d.to_vec())),
+        Err(e) => return Err(e).ctx("readdir", &p),
+    };
+    let mut kids = Vec::new();
+    let mut new_dirs = Vec::new();
+    for ent in rd {
+        let ent = ent.ctx("readdir", &p)?;
+        let child = child_path(d, ent.file_name().as_bytes());
+        match stat_entry(root, child) {
+            Ok(e) => {
+                if e.kind == Kind::Dir {
+                    let same = prev
+                        .get(&e.path)
+                        .is_some_and(|o| o.kind == Kind::Dir && o.ino == e.ino);
+                    let on_dev = std::fs::symlink_metadata(join(root, &e.path))
+                        .map(|m| m.dev() == dev)
+                        .unwrap_or(false);
+                    if !same && on_dev {
+                        new_dirs.push(e.path.clone());
+                    }
+                }
+                kids.push(e);
+            }
+            Err(crate::error::SyncError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Listed::Dir(de, kids, new_dirs))
+}
+
+/// Re-list the directories in `dirs` (relative paths) against `prev` and
+/// return only the difference: cost in proportion to the listed directories
+/// and what changed, not to the tree. [`splice`] applies the result; both
+/// together give the same index as [`rescan_dirs`].
+pub(crate) fn rescan_changes(
+    root: &Path,
+    prev: &Index,
+    dirs: &HashSet<Vec<u8>>,
+    want: Want<'_>,
+) -> Result<Changes> {
+    let mut ch = Changes::default();
+    if dirs.is_empty() {
+        return Ok(ch);
+    }
+    let mut todo: Vec<&Vec<u8>> = dirs.iter().collect();
+    todo.sort_by(|a, b| key_cmp(a, b));
+    let dev = std::fs::symlink_metadata(root).ctx("lstat", root)?.dev();
+    // Listing many directories is latency bound like the full walk.
+    let listed: Vec<Result<Listed>> = io_pool().install(|| {
+        todo.par_iter()
+            .map(|d| list_one(root, dev, prev, d))
+            .collect()
+    });
+    let es = &prev.entries;
+    let mut gone: Vec<std::ops::Range<usize>> = Vec::new();
+    let mut added: Vec<Entry> = Vec::new();
+    let mut walk_roots: Vec<Vec<u8>> = Vec::new();
+    let at = |p: &[u8]| es.binary_search_by(|e| key_cmp(&e.path, p)).ok();
+    for l in listed {
+        match l? {
+            Listed::Gone(d) => {
+                if let Some(i) = at(&d) {
+                    gone.push(i..i + 1);
+                }
+                gone.push(subtree(es, &d));
+            }
+            Listed::NotDir(e) => {
+                gone.push(subtree(es, &e.path));
+                added.push(e);
+            }
+            Listed::Dir(de, kids, new_dirs) => {
+                ch.dirs_listed += 1;
+                let d = de.path.clone();
+                added.push(de);
+                // Every previous child goes (the listing replaces them); a
+                // previous subdirectory keeps its subtree only if it is
+                // still the same directory.
+                let mut fresh: HashMap<&[u8], &Entry> =
+                    kids.iter().map(|k| (&k.path[..], k)).collect();
+                for nd in &new_dirs {
+                    fresh.remove(&nd[..]);
+                }
+                let r = subtree(es, &d);
+                let mut i = r.start;
+                while i < r.end {
+                    let c = &es[i];
+                    let sub = subtree(es, &c.path);
+                    gone.push(i..i + 1);
+                    let keeps = c.kind == Kind::Dir
+                        && fresh.get(&c.path[..]).is_some_and(|k| k.kind == Kind::Dir);
+                    if !keeps {
+                        gone.push(sub.clone());
+                    }
+                    i = sub.end.max(i + 1);
+                }
+                walk_roots.extend(new_dirs);
+                added.extend(kids);
+            }
+        }
+    }
+    if !walk_roots.is_empty() {
+        let (walked, nd) = walk_from(root, walk_roots)?;
+        ch.dirs_listed += nd;
+        added.extend(walked);
+    }
+    sort_entries(&mut added);
+    // A directory listed twice (also inside a walked one): one copy.
+    added.dedup_by(|a, b| a.path == b.path);
+    // Anything the listing re-created replaces its previous version.
+    for e in &added {
+        if let Some(i) = at(&e.path) {
+            gone.push(i..i + 1);
+        }
+    }
+    gone.sort_by_key(|r| r.start);
+    let mut removed = Vec::new();
+    let mut upto = 0;
+    for r in gone {
+        for i in r.start.max(upto)..r.end {
+            removed.push(i);
+        }
+        upto = upto.max(r.end);
+    }
+    ch.removed = removed;
+    // Content hashes: cached when size, mtime and inode match (as `finish`).
+    let mut need = Vec::new();
+    for (i, e) in added.iter_mut().enumerate() {
+        if e.kind != Kind::File {
+            continue;
+        }
+        let hit = at(&e.path).map(|j| &es[j]).filter(|p| {
+            p.kind == Kind::File
+                && p.size == e.size
+                && p.mtime == e.mtime
+                && p.mtime_nsec == e.mtime_nsec
+                && (p.ino == e.ino || p.ino == 0)
+                && p.hash != [0; 32]
+        });
+        match hit {
+            Some(p) => e.hash = p.hash,
+            None => {
+                if want(e) {
+                    need.push(i);
+                }
+            }
+        }
+    }
+    let hashes: Vec<(usize, Result<[u8; 32]>)> = io_pool().install(|| {
+        need.par_iter()
+            .map(|&i| (i, hash_file(&join(root, &added[i].path))))
+            .collect()
+    });
+    for (i, h) in hashes {
+        added[i].hash = h?;
+    }
+    ch.added = added;
+    Ok(ch)
+}
+
+/// The result of [`splice`].
+#[derive(Debug)]
+pub(crate) struct Spliced {
+    /// The new index.
+    pub index: Index,
+    /// Its digest's leaves.
+    pub leaves: Vec<[u8; 32]>,
+    /// Indices (in `index`) of the entries that are new or may differ from
+    /// the previous version at their path, sorted.
+    pub changed: Vec<usize>,
+    /// The previous versions of removed and changed entries, tree order.
+    pub old: Vec<Entry>,
+}
+
+/// Apply `ch` to `prev` (whose leaves are `leaves`): unchanged entries are
+/// moved, not copied or re-encoded; hardlink groups and the digest are
+/// brought up to date. The result is what [`finish`] gives for the same
+/// entries (checked by a property test).
+pub(crate) fn splice(prev: Index, leaves: Vec<[u8; 32]>, ch: Changes) -> Spliced {
+    let n = prev.entries.len() - ch.removed.len() + ch.added.len();
+    let mut entries: Vec<Entry> = Vec::with_capacity(n);
+    let mut lv: Vec<[u8; 32]> = Vec::with_capacity(n);
+    let mut fresh = vec![false; n];
+    let mut old: Vec<Entry> = Vec::with_capacity(ch.removed.len());
+    let mut rem = ch.removed.iter().peekable();
+    let mut add = ch.added.into_iter().peekable();
+    for (i, (e, l)) in prev.entries.into_iter().zip(leaves).enumerate() {
+        if rem.peek() == Some(&&i) {
+            rem.next();
+            old.push(e);
+            continue;
+        }
+        while add
+            .peek()
+            .is_some_and(|a| key_cmp(&a.path, &e.path) == std::cmp::Ordering::Less)
+        {
+            fresh[entries.len()] = true;
+            entries.extend(add.next());
+            lv.push([0; 32]);
+        }
+        entries.push(e);
+        lv.push(l);
+    }
+    for a in add {
+        fresh[entries.len()] = true;
+        entries.push(a);
+        lv.push([0; 32]);
+    }
+    // Hardlink groups from inode numbers, over the whole list as `finish`
+    // does (a cheap pass over integers): a stale link count on an entry
+    // that was not re-listed must not split or merge a group differently.
+    let multi: HashSet<u64> = entries
+        .iter()
+        .filter(|e| e.kind != Kind::Dir && e.nlink > 1)
+        .map(|e| e.ino)
+        .collect();
+    let mut leaders: HashMap<u64, usize> = HashMap::new();
+    let mut touch = |i: usize, entries: &mut Vec<Entry>, old: &mut Vec<Entry>| {
+        if !fresh[i] {
+            fresh[i] = true;
+            old.push(entries[i].clone());
+        }
+    };
+    for i in 0..entries.len() {
+        let e = &entries[i];
+        let want_link = if e.kind != Kind::Dir && multi.contains(&e.ino) {
+            match leaders.get(&e.ino) {
+                Some(&l) => Some(l),
+                None => {
+                    leaders.insert(e.ino, i);
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        match want_link {
+            Some(l) => {
+                let (lp, lh) = (&entries[l].path, entries[l].hash);
+                if entries[i].link.as_deref() != Some(&lp[..]) || entries[i].hash != lh {
+                    let lp = lp.clone();
+                    touch(i, &mut entries, &mut old);
+                    entries[i].link = Some(lp);
+                    entries[i].hash = lh;
+                }
+            }
+            None => {
+                if entries[i].link.is_some() {
+                    touch(i, &mut entries, &mut old);
+                    entries[i].link = None;
+                }
+            }
+        }
+    }
+    let changed: Vec<usize> = (0..entries.len()).filter(|i| fresh[*i]).collect();
+    refresh_leaves(&entries, &mut lv, &changed);
+    sort_entries(&mut old);
+    let digest = crate::store::digest_of(&lv);
+    Spliced {
+        index: Index { entries, digest },
+        leaves: lv,
+        changed,
+        old,
+    }
+}
+
+/// Recompute the leaves at `which`.
+pub(crate) fn refresh_leaves(entries: &[Entry], leaves: &mut [[u8; 32]], which: &[usize]) {
+    let new: Vec<[u8; 32]> = if which.len() > 4096 {
+        which.par_iter().map(|&i| entries[i].leaf()).collect()
+    } else {
+        which.iter().map(|&i| entries[i].leaf()).collect()
+    };
+    for (&i, l) in which.iter().zip(new) {
+        leaves[i] = l;
+    }
+}
+
+#[cfg(test)]
+mod splice_tests {
+    //! The journal path (re-list some directories, splice the difference
+    //! into the previous index) must give exactly what a full scan gives.
+    use super::*;
+    use proptest::prelude::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    /// What the journal would report: directories by their path in `prev`
+    /// (mapped through inode numbers, as `Journal::changed_dirs` does).
+    struct Marks<'a> {
+        prev: &'a Index,
+        dirs: HashSet<Vec<u8>>,
+    }
+
+    impl Marks<'_> {
+        /// An event naming the object with inode `ino` (its own FID).
+        fn object(&mut self, ino: u64) {
+            for e in self.prev.entries.iter().filter(|e| e.ino == ino) {
+                if e.kind == Kind::Dir {
+                    self.dirs.insert(e.path.clone());
+                }
+                if !e.path.is_empty() {
+                    self.dirs.insert(split_parent(&e.path).0.to_vec());
+                }
+            }
+        }
+        /// An event in directory `dir` (its DFID_NAME), by current path.
+        fn in_dir(&mut self, root: &Path, dir: &[u8]) {
+            if let Ok(m) = std::fs::symlink_metadata(join(root, dir)) {
+                for e in self.prev.entries.iter() {
+                    if e.kind == Kind::Dir && e.ino == m.ino() {
+                        self.dirs.insert(e.path.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn split_parent(p: &[u8]) -> (&[u8], &[u8]) {
+        crate::entry::split_parent(p)
+    }
+
+    fn all(root: &Path) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (idx, _) = scan(root, None).unwrap();
+        let dirs = idx
+            .entries
+            .iter()
+            .filter(|e| e.kind == Kind::Dir)
+            .map(|e| e.path.clone())
+            .collect();
+        let files = idx
+            .entries
+            .iter()
+            .filter(|e| e.kind != Kind::Dir)
+            .map(|e| e.path.clone())
+            .collect();
+        (dirs, files)
+    }
+
+    fn ino(root: &Path, p: &[u8]) -> u64 {
+        std::fs::symlink_metadata(join(root, p)).unwrap().ino()
+    }
+
+    fn apply(
+        root: &Path,
+        prev: &Index,
+        ops: &[(u8, u16, u16)],
+        serial: &mut u32,
+    ) -> HashSet<Vec<u8>> {
+        let mut m = Marks {
+            prev,
+            dirs: HashSet::new(),
+        };
+        for &(op, a, b) in ops {
+            let (dirs, files) = all(root);
+            let pick = |v: &Vec<Vec<u8>>, i: u16| v.get(i as usize % v.len().max(1)).cloned();
+            *serial += 1;
+            let fresh = format!("n{serial}").into_bytes();
+            let d = pick(&dirs, a).unwrap_or_default();
+            let f = pick(&files, b);
+            match op % 12 {
+                0 => {
+                    let p = child_path(&d, &fresh);
+                    std::fs::write(join(root, &p), vec![b'x'; (a % 300) as usize]).unwrap();
+                    m.in_dir(root, &d);
+                }
+                1 | 2 | 10 => {
+                    let Some(f) = f else { continue };
+                    let p = join(root, &f);
+                    let md = std::fs::symlink_metadata(&p).unwrap();
+                    if !md.file_type().is_file() {
+                        continue;
+                    }
+                    m.object(md.ino());
+                    m.in_dir(root, split_parent(&f).0);
+                    match op % 12 {
+                        1 => {
+                            use std::io::Write;
+                            let mut h = std::fs::OpenOptions::new().append(true).open(&p).unwrap();
+                            h.write_all(b"more").unwrap();
+                        }
+                        2 => {
+                            let h = std::fs::File::open(&p).unwrap();
+                            h.set_modified(
+                                std::time::SystemTime::UNIX_EPOCH
+                                    + std::time::Duration::from_secs(1_000_000 + *serial as u64),
+                            )
+                            .unwrap();
+                        }
+                        _ => {
+                            std::fs::set_permissions(
+                                &p,
+                                std::fs::Permissions::from_mode(0o600 | (a as u32 & 0o7)),
+                            )
+                            .unwrap();
+                        }
+                    }
+                }
+                3 => {
+                    let Some(f) = f else { continue };
+                    m.object(ino(root, &f));
+                    m.in_dir(root, split_parent(&f).0);
+                    std::fs::remove_file(join(root, &f)).unwrap();
+                }
+                4 => {
+                    let p = child_path(&d, &fresh);
+                    std::fs::create_dir(join(root, &p)).unwrap();
+                    std::fs::write(join(root, &child_path(&p, b"f")), b"in new dir").unwrap();
+                    m.in_dir(root, &d);
+                }
+                5 | 7 => {
+                    if d.is_empty() {
+                        continue;
+                    }
+                    // Every directory in the subtree sees its own events.
+                    for x in &dirs {
+                        if x == &d || under(x, &d) {
+                            m.in_dir(root, x);
+                        }
+                    }
+                    m.object(ino(root, &d));
+                    m.in_dir(root, split_parent(&d).0);
+                    if op % 12 == 5 {
+                        std::fs::remove_dir_all(join(root, &d)).unwrap();
+                    } else {
+                        let to = pick(&dirs, b).unwrap_or_default();
+                        if to == d || under(&to, &d) {
+                            continue;
+                        }
+                        m.in_dir(root, &to);
+                        std::fs::rename(join(root, &d), join(root, &child_path(&to, &fresh)))
+                            .unwrap();
+                    }
+                }
+                6 | 8 => {
+                    let Some(f) = f else { continue };
+                    m.object(ino(root, &f));
+                    m.in_dir(root, split_parent(&f).0);
+                    m.in_dir(root, &d);
+                    let to = join(root, &child_path(&d, &fresh));
+                    if op % 12 == 6 {
+                        std::fs::rename(join(root, &f), to).unwrap();
+                    } else if std::fs::symlink_metadata(join(root, &f)).unwrap().is_file() {
+                        std::fs::hard_link(join(root, &f), to).unwrap();
+                    }
+                }
+                9 => {
+                    std::os::unix::fs::symlink("target", join(root, &child_path(&d, &fresh)))
+                        .unwrap();
+                    m.in_dir(root, &d);
+                }
+                _ => {
+                    // A file replaced by a directory of the same name.
+                    let Some(f) = f else { continue };
+                    m.object(ino(root, &f));
+                    m.in_dir(root, split_parent(&f).0);
+                    std::fs::remove_file(join(root, &f)).unwrap();
+                    std::fs::create_dir(join(root, &f)).unwrap();
+                    std::fs::write(join(root, &child_path(&f, b"g")), b"g").unwrap();
+                }
+            }
+        }
+        m.dirs
+    }
+
+    fn base_tree(root: &Path) {
+        for d in ["a", "a/b", "a/b/c", "d", "e"] {
+            std::fs::create_dir(root.join(d)).unwrap();
+        }
+        for (i, d) in ["", "a", "a/b", "a/b/c", "d", "e"].iter().enumerate() {
+            for j in 0..3 {
+                std::fs::write(
+                    root.join(d).join(format!("f{j}")),
+                    vec![b'a' + i as u8; j * 10],
+                )
+                .unwrap();
+            }
+        }
+        std::fs::hard_link(root.join("a/f1"), root.join("d/hl")).unwrap();
+        std::fs::hard_link(root.join("a/f1"), root.join("e/hl")).unwrap();
+        std::os::unix::fs::symlink("f0", root.join("a/b/s")).unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+        #[test]
+        fn splice_equals_full_scan(
+            batches in proptest::collection::vec(
+                proptest::collection::vec((any::<u8>(), any::<u16>(), any::<u16>()), 1..8),
+                1..4,
+            ),
+            extra in any::<u16>(),
+        ) {
+            let tmp = tempfile::tempdir().unwrap();
+            let root = tmp.path();
+            base_tree(root);
+            let (mut prev, _) = scan(root, None).unwrap();
+            let mut leaves = leaves_of(&prev.entries);
+            let mut serial = 0;
+            for ops in &batches {
+                let mut dirs = apply(root, &prev, ops, &mut serial);
+                // The journal may name more than changed: harmless.
+                let pd: Vec<&Entry> = prev.entries.iter().filter(|e| e.kind == Kind::Dir).collect();
+                dirs.insert(pd[extra as usize % pd.len()].path.clone());
+                let ch = rescan_changes(root, &prev, &dirs, &|_| true).unwrap();
+                let (full, _) = scan(root, Some(&prev)).unwrap();
+                let reference = rescan_dirs(root, &prev, &dirs, &|_| true).unwrap().0;
+                let old_prev = prev.clone();
+                let sp = splice(prev, leaves, ch);
+                prop_assert_eq!(sp.index.entries.len(), full.entries.len());
+                for (x, y) in sp.index.entries.iter().zip(&full.entries) {
+                    prop_assert!(x.same(y), "{:?} != {:?}", x, y);
+                }
+                prop_assert_eq!(sp.index.digest, full.digest);
+                prop_assert_eq!(sp.index.digest, reference.digest);
+                prop_assert_eq!(&sp.leaves, &leaves_of(&sp.index.entries));
+                // Every path where old and new differ is among the changed
+                // entries or the previous versions kept.
+                let touched: HashSet<&[u8]> = sp
+                    .changed
+                    .iter()
+                    .map(|&i| &sp.index.entries[i].path[..])
+                    .chain(sp.old.iter().map(|e| &e.path[..]))
+                    .collect();
+                for e in &old_prev.entries {
+                    if full.get(&e.path).is_none_or(|n| !n.same(e)) {
+                        prop_assert!(touched.contains(&e.path[..]), "missed {}", e.display_path());
+                    }
+                }
+                for e in &full.entries {
+                    if old_prev.get(&e.path).is_none_or(|o| !o.same(e)) {
+                        prop_assert!(touched.contains(&e.path[..]), "missed {}", e.display_path());
+                    }
+                }
+                for o in &sp.old {
+                    prop_assert!(old_prev.get(&o.path).is_some_and(|p| p.same(o)));
+                }
+                prev = sp.index;
+                leaves = sp.leaves;
+            }
+        }
+    }
+}

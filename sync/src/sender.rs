@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::delta::{block_size, DELTA_MIN};
-use crate::entry::{key_cmp, tree_digest, Entry, Kind};
+use crate::entry::{key_cmp, Entry, Kind};
 use crate::error::{IoCtx, Result, SyncError};
 use crate::scan::{io_pool, join, Index};
 use crate::session::{run_blocking, Peer};
@@ -87,6 +87,10 @@ pub struct SenderState {
     /// The last round failed after the journal was drained: the next round
     /// must scan in full.
     pub needs_full: bool,
+    /// Leaves of `last`'s digest, so that a journal round re-hashes only
+    /// the entries it changes; valid while `leaves_for` is `last`'s digest.
+    leaves: Vec<[u8; 32]>,
+    leaves_for: [u8; 32],
 }
 
 impl std::fmt::Debug for SenderState {
@@ -100,6 +104,23 @@ impl std::fmt::Debug for SenderState {
 }
 
 impl SenderState {
+    /// The cached leaves of `idx` (which was `last`), recomputed when the
+    /// cache is missing or belongs to another index (loaded state, a caller
+    /// that replaced `last`).
+    fn take_leaves(&mut self, idx: &Index) -> Vec<[u8; 32]> {
+        let l = std::mem::take(&mut self.leaves);
+        if l.len() == idx.entries.len() && self.leaves_for == idx.digest {
+            l
+        } else {
+            crate::scan::leaves_of(&idx.entries)
+        }
+    }
+
+    fn set_leaves(&mut self, leaves: Vec<[u8; 32]>) {
+        self.leaves_for = self.last.as_ref().map(|l| l.digest).unwrap_or_default();
+        self.leaves = leaves;
+    }
+
     /// Age of the newest snapshot this sender completed (the lag).
     pub fn lag(&self) -> Option<Duration> {
         self.last_point.map(|t| t.elapsed().unwrap_or_default())
@@ -143,6 +164,14 @@ impl SenderState {
     }
 }
 
+/// What a round's scan produced.
+pub(crate) enum Scanned {
+    /// A full scan: the index and its digest's leaves.
+    Full(Index, Vec<[u8; 32]>),
+    /// A journal rescan: the difference to the last index.
+    Journal(crate::scan::Changes),
+}
+
 /// Scan the source for a round: through the journal when it has a clean
 /// record since the last round, else in full.
 #[allow(clippy::too_many_arguments)] // disjoint borrows of SenderState
@@ -155,7 +184,7 @@ pub(crate) fn scan_for_round(
     want_journal: bool,
     cache: Option<&Index>,
     want: crate::scan::Want<'_>,
-) -> Result<(Index, bool)> {
+) -> Result<Scanned> {
     if want_journal && journal.is_none() {
         match crate::journal::Journal::start(src) {
             Ok(j) => *journal = Some(j),
@@ -165,18 +194,21 @@ pub(crate) fn scan_for_round(
             }
         }
     }
+    let full = |prev: Option<&Index>| -> Result<Scanned> {
+        let (idx, leaves) = crate::scan::scan_with_leaves(src, prev, want)?;
+        Ok(Scanned::Full(idx, leaves))
+    };
     if std::mem::take(needs_full) {
         if let Some(j) = journal.as_mut() {
             j.drain();
         }
-        let (idx, _) = crate::scan::scan_with(src, last.or(cache), want)?;
-        return Ok((idx, true));
+        return full(last.or(cache));
     }
     if let (Some(j), Some(prev)) = (journal.as_mut(), last) {
         match j.changed_dirs(prev) {
             Ok(Some(dirs)) => {
-                let (idx, _) = crate::scan::rescan_dirs(src, prev, &dirs, want)?;
-                return Ok((idx, false));
+                let ch = crate::scan::rescan_changes(src, prev, &dirs, want)?;
+                return Ok(Scanned::Journal(ch));
             }
             Ok(None) => {
                 *fallbacks += 1;
@@ -191,8 +223,7 @@ pub(crate) fn scan_for_round(
         // First round: drain what happened before, the full scan covers it.
         j.drain();
     }
-    let (idx, _) = crate::scan::scan_with(src, last.or(cache), want)?;
-    Ok((idx, true))
+    full(last.or(cache))
 }
 
 /// Send one round of `src` as `name` over `stream`.
@@ -287,13 +318,11 @@ fn send_round_inner(
     };
     // Borrowed, not copied: the receiver's manifest is usually our last index.
     let empty = Index::default();
-    let received: Index;
-    let remote: &Index = if rdigest == [0; 32] {
+    let mut received: Option<Index> = None;
+    let remote_is_last =
+        rdigest != [0; 32] && state.last.as_ref().is_some_and(|l| l.digest == rdigest);
+    if rdigest == [0; 32] || remote_is_last {
         peer.send(Frame::HaveManifest)?;
-        &empty
-    } else if state.last.as_ref().is_some_and(|l| l.digest == rdigest) {
-        peer.send(Frame::HaveManifest)?;
-        state.last.as_ref().unwrap_or(&empty)
     } else {
         peer.send(Frame::NeedManifest)?;
         let mut v = Vec::new();
@@ -321,37 +350,73 @@ fn send_round_inner(
                 "receiver manifest does not match its digest".into(),
             ));
         }
-        received = i;
-        &received
-    };
+        received = Some(i);
+    }
     // Hash during the scan only what could match something the receiver
     // holds (same path or same size); the rest is hashed as it is sent.
     let t_scan = Instant::now();
-    let remote_sizes: HashSet<u64> = remote
-        .entries
-        .iter()
-        .filter(|e| e.kind == Kind::File)
-        .map(|e| e.size)
-        .collect();
-    // Large files changed in place go as deltas, which hash them as they are
-    // read: no separate hashing pass over them.
-    let want = |e: &Entry| {
-        opts.unified
-            || match remote.get(&e.path) {
-                Some(r) => !(r.kind == Kind::File && r.size >= DELTA_MIN && e.size >= DELTA_MIN),
-                None => remote_sizes.contains(&e.size),
-            }
+    let scanned = {
+        let remote: &Index = match (&received, remote_is_last) {
+            (Some(r), _) => r,
+            (None, true) => state.last.as_ref().unwrap_or(&empty),
+            (None, false) => &empty,
+        };
+        // Built only when a file without a cached hash is met (a journal
+        // round usually meets none or few).
+        let remote_sizes: std::sync::OnceLock<HashSet<u64>> = std::sync::OnceLock::new();
+        let sizes = || {
+            remote_sizes.get_or_init(|| {
+                remote
+                    .entries
+                    .iter()
+                    .filter(|e| e.kind == Kind::File)
+                    .map(|e| e.size)
+                    .collect()
+            })
+        };
+        // Large files changed in place go as deltas, which hash them as they
+        // are read: no separate hashing pass over them.
+        let want = |e: &Entry| {
+            opts.unified
+                || match remote.get(&e.path) {
+                    Some(r) => {
+                        !(r.kind == Kind::File && r.size >= DELTA_MIN && e.size >= DELTA_MIN)
+                    }
+                    None => sizes().contains(&e.size),
+                }
+        };
+        scan_for_round(
+            src,
+            state.last.as_ref(),
+            &mut state.journal,
+            &mut state.needs_full,
+            &mut state.fallbacks,
+            opts.journal,
+            Some(remote),
+            &want,
+        )?
     };
-    let (idx, full) = scan_for_round(
-        src,
-        state.last.as_ref(),
-        &mut state.journal,
-        &mut state.needs_full,
-        &mut state.fallbacks,
-        opts.journal,
-        Some(remote),
-        &want,
-    )?;
+    // A journal round splices its changes into the last index (moved, not
+    // copied); the changed entries and the previous versions they replace
+    // are then all the plan needs when the receiver holds that index.
+    let (mut idx, mut leaves, diff) = match scanned {
+        Scanned::Full(i, l) => (i, l, None),
+        Scanned::Journal(ch) => {
+            let prev = state.last.take().unwrap_or_default();
+            let pl = state.take_leaves(&prev);
+            let sp = crate::scan::splice(prev, pl, ch);
+            (sp.index, sp.leaves, Some((sp.changed, sp.old)))
+        }
+    };
+    state.leaves.clear();
+    let use_diff = remote_is_last && diff.is_some();
+    let remote: &Index = match (&received, remote_is_last && !use_diff) {
+        (Some(r), _) => r,
+        (None, true) => state.last.as_ref().unwrap_or(&empty),
+        (None, false) => &empty,
+    };
+    let remote_nonempty = rdigest != [0; 32];
+    let full = diff.is_none();
     let scan_duration = t_scan.elapsed();
     let mut stats = RoundStats {
         entries: idx.entries.len() as u64,
@@ -360,7 +425,7 @@ fn send_round_inner(
         ..Default::default()
     };
     check_deadline(peer)?;
-    if idx.digest == remote.digest && !remote.entries.is_empty() {
+    if idx.digest == rdigest && remote_nonempty {
         peer.send(Frame::End {
             digest: idx.digest,
             count: idx.entries.len() as u64,
@@ -378,47 +443,21 @@ fn send_round_inner(
         stats.unchanged = true;
         stats.round_duration = t0.elapsed();
         state.last = Some(idx);
+        state.set_leaves(leaves);
         state.last_point = Some(point);
         stats.lag = state.lag().unwrap_or_default();
         stats.journal_fallbacks = state.fallbacks;
         return Ok(stats);
     }
-    // Plan: merge both sorted lists (first the differing positions, then
+    // Plan: the paths where both sides differ (a merge of both sorted
+    // lists, or of the changed entries with their previous versions), then
     // the sources; the maps for rename detection cover only the contents of
-    // changed files, so an unchanged tree costs no per-entry hashing).
-    enum Step {
-        Delete(usize),
-        Put(usize, Option<usize>),
-    }
-    let mut steps = Vec::new();
-    let (mut i, mut j) = (0, 0);
-    let (a, b) = (&idx.entries, &remote.entries);
-    while i < a.len() || j < b.len() {
-        let ord = match (a.get(i), b.get(j)) {
-            (Some(x), Some(y)) => key_cmp(&x.path, &y.path),
-            (Some(_), None) => std::cmp::Ordering::Less,
-            _ => std::cmp::Ordering::Greater,
-        };
-        match ord {
-            std::cmp::Ordering::Greater => {
-                steps.push(Step::Delete(j));
-                j += 1;
-            }
-            o => {
-                let r = if o == std::cmp::Ordering::Equal {
-                    j += 1;
-                    Some(j - 1)
-                } else {
-                    None
-                };
-                i += 1;
-                if r.is_some_and(|r| b[r].same(&a[i - 1])) {
-                    continue;
-                }
-                steps.push(Step::Put(i - 1, r));
-            }
-        }
-    }
+    // changed files, so an unchanged tree costs no per-entry hashing.
+    let (steps, candidates): (Vec<Step<'_>>, &[Entry]) = match (&diff, use_diff) {
+        (Some((changed, old)), true) => (steps_changed(&idx.entries, changed, old), old),
+        _ => (steps_full(&idx.entries, &remote.entries), &remote.entries),
+    };
+    let a = &idx.entries;
     let same_path_has = |e: &Entry, r: Option<&Entry>| {
         r.is_some_and(|r| r.kind == Kind::File && r.hash == e.hash && r.link.is_none())
     };
@@ -427,19 +466,19 @@ fn send_round_inner(
         .filter_map(|s| match s {
             Step::Put(k, r) => {
                 let e = &a[*k];
-                (e.kind == Kind::File
-                    && e.link.is_none()
-                    && e.size > 0
-                    && !same_path_has(e, r.map(|r| &b[r])))
-                .then_some(e.hash)
+                (e.kind == Kind::File && e.link.is_none() && e.size > 0 && !same_path_has(e, *r))
+                    .then_some(e.hash)
             }
             Step::Delete(_) => None,
         })
         .collect();
     let mut by_hash: HashMap<[u8; 32], &Entry> = HashMap::new();
     if !wanted.is_empty() {
-        let remote_groups: HashSet<&[u8]> = b.iter().filter_map(|e| e.link.as_deref()).collect();
-        for e in b {
+        let remote_groups: HashSet<&[u8]> = candidates
+            .iter()
+            .filter_map(|e| e.link.as_deref())
+            .collect();
+        for e in candidates {
             if e.kind == Kind::File
                 && e.link.is_none()
                 && wanted.contains(&e.hash)
@@ -450,13 +489,15 @@ fn send_round_inner(
         }
     }
     let mut plan = Vec::with_capacity(steps.len());
+    // Basis size of each planned delta (by plan position).
+    let mut delta_base: HashMap<usize, u64> = HashMap::new();
     for st in steps {
         let (k, r) = match st {
-            Step::Delete(j) => {
-                plan.push(Plan::Delete(b[j].path.clone()));
+            Step::Delete(o) => {
+                plan.push(Plan::Delete(o.path.clone()));
                 continue;
             }
-            Step::Put(k, r) => (k, r.map(|r| &b[r])),
+            Step::Put(k, r) => (k, r),
         };
         let e = &a[k];
         let source = if e.kind != Kind::File || e.link.is_some() {
@@ -471,12 +512,15 @@ fn send_round_inner(
         } else if let Some(r) =
             r.filter(|r| r.kind == Kind::File && r.size >= DELTA_MIN && e.size >= DELTA_MIN)
         {
+            delta_base.insert(plan.len(), r.size);
             Source::Delta(r.path.clone())
         } else {
             Source::Data
         };
         plan.push(Plan::Put(k, source));
     }
+    drop(by_hash);
+    drop(diff);
     let t_planned = t0.elapsed();
     // Unification: ask which new contents the receiver's pool holds.
     if opts.unified {
@@ -519,15 +563,17 @@ fn send_round_inner(
     let mut sigs: HashMap<usize, Vec<(u32, u64)>> = HashMap::new();
     for (n, p) in plan.iter().enumerate() {
         if let Plan::Put(_, Source::Delta(b)) = p {
-            let Some(r) = remote.get(b) else { continue };
-            let block = block_size(r.size);
+            let Some(&rsize) = delta_base.get(&n) else {
+                continue;
+            };
+            let block = block_size(rsize);
             peer.send(Frame::SigRequest {
                 path: b.clone(),
                 block,
             })?;
             match peer.recv()? {
                 Frame::Signature { block: bl, sums }
-                    if bl == block && sums.len() as u64 == r.size.div_ceil(block as u64) =>
+                    if bl == block && sums.len() as u64 == rsize.div_ceil(block as u64) =>
                 {
                     sigs.insert(n, sums);
                 }
@@ -645,11 +691,7 @@ fn send_round_inner(
                     }
                     (Ok(()), Source::Delta(_)) => {
                         let sums = sigs.get(&n).cloned().unwrap_or_default();
-                        let base = remote.get(match source {
-                            Source::Delta(b) => b,
-                            _ => &e.path,
-                        });
-                        let blen = base.map(|b| b.size).unwrap_or(0);
+                        let blen = delta_base.get(&n).copied().unwrap_or(0);
                         send_delta(peer, src, e, blen, &sums, &mut stats)
                             .map(|h| sent_hash.push((*k, h)))
                     }
@@ -666,29 +708,31 @@ fn send_round_inner(
     let _ = prefetch.join();
     res?;
     // Hashes as actually sent; followers take their leader's. Usually they
-    // are the scanned ones and the scan's digest stands (no O(tree) pass).
+    // are the scanned ones and the scan's digest stands; else only the
+    // entries whose hash changed get new leaves.
     sent_hash.retain(|(k, h)| idx.entries[*k].hash != *h);
-    let new_index = if sent_hash.is_empty() {
-        idx
-    } else {
-        let mut new_entries: Vec<Entry> = idx.entries.clone();
+    if !sent_hash.is_empty() {
+        let mut touched: Vec<usize> = Vec::with_capacity(sent_hash.len());
+        let mut by_path: HashMap<Vec<u8>, [u8; 32]> = HashMap::new();
         for (k, h) in &sent_hash {
-            new_entries[*k].hash = *h;
+            idx.entries[*k].hash = *h;
+            touched.push(*k);
+            by_path.insert(idx.entries[*k].path.clone(), *h);
         }
-        let mut k = 0;
-        while k < new_entries.len() {
-            if let Some(l) = new_entries[k].link.clone() {
-                if let Ok(li) = new_entries.binary_search_by(|x| key_cmp(&x.path, &l)) {
-                    new_entries[k].hash = new_entries[li].hash;
+        for (i, e) in idx.entries.iter_mut().enumerate() {
+            if let Some(h) = e.link.as_ref().and_then(|l| by_path.get(l)) {
+                if e.hash != *h {
+                    e.hash = *h;
+                    touched.push(i);
                 }
             }
-            k += 1;
         }
-        Index {
-            digest: tree_digest(&new_entries),
-            entries: new_entries,
-        }
-    };
+        touched.sort_unstable();
+        touched.dedup();
+        crate::scan::refresh_leaves(&idx.entries, &mut leaves, &touched);
+        idx.digest = crate::store::digest_of(&leaves);
+    }
+    let new_index = idx;
     let digest = new_index.digest;
     let t_sent = t0.elapsed();
     check_deadline(peer)?;
@@ -713,6 +757,7 @@ fn send_round_inner(
     tracing::debug!(
         entries = new_index.entries.len(),
         changed = stats.files_changed,
+        journal = !full,
         scan_ms = scan_duration.as_millis() as u64,
         planned_ms = t_planned.as_millis() as u64,
         sent_ms = t_sent.as_millis() as u64,
@@ -720,10 +765,86 @@ fn send_round_inner(
         "round sent"
     );
     state.last = Some(new_index);
+    state.set_leaves(leaves);
     state.last_point = Some(point);
     stats.lag = state.lag().unwrap_or_default();
     stats.journal_fallbacks = state.fallbacks;
     Ok(stats)
+}
+
+/// One path where the new index and the receiver's differ.
+enum Step<'r> {
+    Delete(&'r Entry),
+    Put(usize, Option<&'r Entry>),
+}
+
+/// All differences: a merge of both sorted lists.
+fn steps_full<'r>(a: &[Entry], b: &'r [Entry]) -> Vec<Step<'r>> {
+    let mut steps = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let ord = match (a.get(i), b.get(j)) {
+            (Some(x), Some(y)) => key_cmp(&x.path, &y.path),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        match ord {
+            std::cmp::Ordering::Greater => {
+                steps.push(Step::Delete(&b[j]));
+                j += 1;
+            }
+            o => {
+                let r = if o == std::cmp::Ordering::Equal {
+                    j += 1;
+                    Some(&b[j - 1])
+                } else {
+                    None
+                };
+                i += 1;
+                if r.is_some_and(|r| r.same(&a[i - 1])) {
+                    continue;
+                }
+                steps.push(Step::Put(i - 1, r));
+            }
+        }
+    }
+    steps
+}
+
+/// The differences of a spliced index to the one it came from: every other
+/// entry was moved over unchanged, so only `changed` (indices into `a`) and
+/// `old` (the previous versions, tree order) are compared.
+fn steps_changed<'r>(a: &[Entry], changed: &[usize], old: &'r [Entry]) -> Vec<Step<'r>> {
+    let mut steps = Vec::new();
+    let (mut i, mut j) = (0, 0);
+    while i < changed.len() || j < old.len() {
+        let ord = match (changed.get(i), old.get(j)) {
+            (Some(&x), Some(y)) => key_cmp(&a[x].path, &y.path),
+            (Some(_), None) => std::cmp::Ordering::Less,
+            _ => std::cmp::Ordering::Greater,
+        };
+        match ord {
+            std::cmp::Ordering::Greater => {
+                steps.push(Step::Delete(&old[j]));
+                j += 1;
+            }
+            o => {
+                let k = changed[i];
+                let r = if o == std::cmp::Ordering::Equal {
+                    j += 1;
+                    Some(&old[j - 1])
+                } else {
+                    None
+                };
+                i += 1;
+                if r.is_some_and(|r| r.same(&a[k])) {
+                    continue;
+                }
+                steps.push(Step::Put(k, r));
+            }
+        }
+    }
+    steps
 }
 
 /// Files read whole (and in parallel) ahead of sending.
