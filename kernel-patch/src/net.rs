@@ -547,6 +547,96 @@ pub fn arp_probe(dev: &str, ip: Ipv4Addr, probes: u32, wait: Duration) -> Result
     }
 }
 
+/// Asks on `dev` who has each of `ips` (one broadcast ARP request each,
+/// sender address `sender`) and collects every reply that arrives within
+/// `wait`: for each IP, in the order of `ips`, the distinct MACs that
+/// answered, in order of arrival. Unlike [`arp_probe`] it does not stop at
+/// the first answer: two machines holding one address both show up.
+///
+/// Only replies to this call count: frames queued before the requests go
+/// out are discarded, and a reply must be addressed to `sender` (Linux
+/// echoes the request's sender address as the reply's target address), so
+/// a caller alternating `sender` between two addresses of its own cannot
+/// mistake a late reply to its previous call for one to this call.
+/// Gratuitous announcements are not replies to us and are ignored. A
+/// `sender` of 0.0.0.0 works too, but other hosts' [`arp_probe`] take such
+/// a request for a rival claim on the address (RFC 5227) and refuse it.
+pub fn arp_who_has(
+    dev: &str,
+    ips: &[Ipv4Addr],
+    sender: Ipv4Addr,
+    wait: Duration,
+) -> Result<Vec<Vec<Mac>>> {
+    let (fd, index, mac) = packet_socket(dev)?;
+    let mut buf = [0u8; 128];
+    // Whatever arrived between socket() and now predates our requests.
+    loop {
+        // SAFETY: receives into a stack buffer, without blocking.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 0 {
+            break;
+        }
+    }
+    let bc = [0xff; 6];
+    for ip in ips {
+        send_frame(&fd, index, &arp_frame(1, mac, mac, sender, [0; 6], *ip, bc))?;
+    }
+    let mut out: Vec<Vec<Mac>> = vec![Vec::new(); ips.len()];
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Ok(out);
+        }
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, 1000) as i32;
+        // SAFETY: polls one valid pollfd.
+        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if r <= 0 {
+            continue;
+        }
+        // SAFETY: receives into a stack buffer, without blocking.
+        let n = unsafe {
+            libc::recv(
+                fd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
+        if n < 42 {
+            continue;
+        }
+        let f = &buf[..n as usize];
+        let op = u16::from_be_bytes([f[20], f[21]]);
+        if f[12..14] != ETH_P_ARP.to_be_bytes() || op != 2 {
+            continue;
+        }
+        let sha: [u8; 6] = f[22..28].try_into().unwrap_or([0; 6]);
+        let spa = Ipv4Addr::new(f[28], f[29], f[30], f[31]);
+        let tpa = Ipv4Addr::new(f[38], f[39], f[40], f[41]);
+        if sha == mac.0 || tpa != sender {
+            continue;
+        }
+        for (i, ip) in ips.iter().enumerate() {
+            if *ip == spa && !out[i].contains(&Mac(sha)) {
+                out[i].push(Mac(sha));
+            }
+        }
+    }
+}
+
 /// Opens (and closes) a raw IPv4 ICMP socket: whether the caller holds
 /// CAP_NET_RAW in its network namespace. Used to check that a context cannot.
 pub fn raw_socket() -> Result<()> {
