@@ -5,7 +5,7 @@
 //! [`check`]). Agents talk over the bridge (10.77.0.N:7700); each node has
 //! its own data dir, vserver root, cgroup parent and `eth0` (IPROOTDEV).
 //! Each vserver can run the demo service ([`Cluster::demo_tree`]): busybox
-//! httpd whose CGI answers `node=N counter=K`, the counter persisted in the
+//! httpd whose CGI answers `node=N counter=K end`, the counter persisted in the
 //! vserver's tree and incremented on every request. Everything is driven
 //! through the real `vsha` CLI.
 //!
@@ -779,13 +779,21 @@ impl EventMark {
 /// The demo service's CGI: counter + 1, persisted with a rename, and the
 /// node's identity (the last octet of its own address, read from the
 /// kernel's view of the namespace it shares).
+///
+/// It writes the whole response, status line included, in one `printf`:
+/// busybox httpd then passes it on in one write(). Given only headers, httpd
+/// writes its own status line first and the CGI's output in a second
+/// write(), and a copy stopped between the two (a migration's stop, a
+/// fence) left the client a `200 OK` with no body, which the checker once
+/// took for an answer without a counter. The closing `end` lets the
+/// checker refuse anything cut short.
 pub const DEMO_CGI: &str = r#"#!/bin/busybox sh
 f=/data/counter
 n=$(/bin/busybox cat $f 2>/dev/null)
 n=$((${n:-0}+1))
 echo $n > $f.tmp && /bin/busybox mv $f.tmp $f
 node=$(/bin/busybox awk '/\|--/{ip=$2} /host LOCAL/{split(ip,o,"."); if (o[1]==10 && o[2]==77 && o[4]+0<50) {print o[4]; exit}}' /proc/net/fib_trie)
-printf 'Content-Type: text/plain\r\n\r\nnode=%s counter=%s\n' "$node" "$n"
+printf 'HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nnode=%s counter=%s end\n' "$node" "$n"
 "#;
 
 /// Views of a `vsha status --json` document.

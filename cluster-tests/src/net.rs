@@ -22,6 +22,10 @@ pub fn node_ip(id: u64) -> String {
 /// The client's address.
 pub const CLIENT_IP: &str = "10.77.0.200";
 
+/// The client's second address: its ARP probes alternate their sender
+/// address between the two (see [`crate::check`]).
+pub const CLIENT_IP2: &str = "10.77.0.199";
+
 /// The foreign machine's address.
 pub const FOREIGN_IP: &str = "10.77.0.201";
 
@@ -35,10 +39,14 @@ pub fn node_mac(id: u64) -> String {
     format!("02:77:00:00:00:{id:02x}")
 }
 
+/// The node whose `eth0` has `mac`; None for any other machine (the
+/// client is ..:c8, the foreign machine ..:c9).
 pub fn node_of_mac(mac: &str) -> Option<u64> {
     let m = mac.to_ascii_lowercase();
     let last = m.strip_prefix("02:77:00:00:00:")?;
-    u64::from_str_radix(last, 16).ok()
+    u64::from_str_radix(last, 16)
+        .ok()
+        .filter(|id| (1..0xc8).contains(id))
 }
 
 pub(crate) fn run(cmd: &mut Command) -> Output {
@@ -170,6 +178,8 @@ impl Net {
             foreign: None,
         };
         net.plug(&net.client.0.clone(), "pc", "02:77:00:00:00:c8", CLIENT_IP);
+        net.client
+            .ip(&["addr", "add", &format!("{CLIENT_IP2}/24"), "dev", "eth0"]);
         for id in 1..=nodes {
             let ns = Netns::new(&format!("{prefix}n{id}"));
             let name = ns.0.clone();
