@@ -46,8 +46,9 @@ pub fn replicated_counter(c: &Cluster, node: u64, name: &str, min: u64) -> u64 {
 /// The first answer from `to` after `mark`, and the last answer from
 /// another node before it.
 pub fn handover(c: &Cluster, ip: &str, mark: usize, to: u64) -> (Option<Sample>, Sample) {
-    // Answers with a counter only: a sample identified by its ARP entry
-    // alone carries none.
+    // The checker counts complete answers only, each with its counter;
+    // asserted here all the same (a counter-less answer once made drain
+    // flake: see DEMO_CGI).
     let first = c.wait_answer(ip, mark, &format!("an answer from node {to}"), |a| {
         a.node == Some(to) && a.counter.is_some()
     });
