@@ -9,6 +9,8 @@
 use std::collections::{HashMap, HashSet};
 use std::os::fd::AsFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 
 use nix::sys::fanotify::{EventFFlags, Fanotify, InitFlags, MarkFlags, MaskFlags};
 
@@ -24,21 +26,41 @@ const INFO_OLD_DFID_NAME: u8 = 10;
 const INFO_NEW_DFID_NAME: u8 = 12;
 
 /// A fanotify change journal on the filesystem of one tree.
+///
+/// A background thread reads the events as they come and keeps only the
+/// distinct inodes they name: a FILESYSTEM mark also sees every other write
+/// on the filesystem (other trees, a receiver on the same disk), and reading
+/// a backlog of a million events at the start of a round cost seconds.
 pub struct Journal {
-    fan: Fanotify,
-    pending: Vec<Record>,
-    overflowed: bool,
-    undecodable: bool,
+    fan: Arc<Fanotify>,
+    shared: Arc<(Mutex<Pending>, Condvar)>,
+    stop: Arc<AtomicBool>,
     /// Overflows seen so far.
     pub overflows: u64,
     /// Events read so far.
     pub events: u64,
 }
 
-#[derive(Debug, Clone, Copy)]
+/// What the events since the last round named.
+#[derive(Default)]
+struct Pending {
+    recs: HashSet<Record>,
+    overflowed: bool,
+    undecodable: bool,
+    overflows: u64,
+    events: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Record {
     ino: u64,
     is_dir_handle: bool,
+}
+
+impl Drop for Journal {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Journal {
@@ -91,32 +113,76 @@ impl Journal {
                 root.display()
             ))
         })?;
+        let fan = Arc::new(fan);
+        let shared: Arc<(Mutex<Pending>, Condvar)> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (f2, s2, st2) = (fan.clone(), shared.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("vsha-sync-journal".into())
+            .spawn(move || {
+                use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+                while !st2.load(Ordering::Relaxed) {
+                    let mut fds = [PollFd::new(f2.as_fd(), PollFlags::POLLIN)];
+                    // Bounded, so that a dropped journal's thread ends soon.
+                    if !matches!(poll(&mut fds, PollTimeout::from(100u8)), Ok(n) if n > 0) {
+                        continue;
+                    }
+                    let (m, cv) = &*s2;
+                    let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
+                    if read_all(&f2, &mut p).is_err() {
+                        p.undecodable = true;
+                    }
+                    if !p.recs.is_empty() || p.overflowed || p.undecodable {
+                        cv.notify_all();
+                    }
+                }
+            })
+            .map_err(|e| SyncError::Journal(format!("journal thread: {e}")))?;
         Ok(Journal {
             fan,
-            pending: Vec::new(),
-            overflowed: false,
-            undecodable: false,
+            shared,
+            stop,
             overflows: 0,
             events: 0,
         })
     }
 
-    /// Read every queued event into `pending`.
-    fn read_all(&mut self) -> Result<()> {
-        let mut buf = vec![0u8; 256 << 10];
-        loop {
-            let n = match nix::unistd::read(self.fan.as_fd(), &mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(nix::errno::Errno::EAGAIN) => break,
-                Err(nix::errno::Errno::EINTR) => continue,
-                Err(e) => return Err(SyncError::Journal(format!("read: {e}"))),
-            };
-            self.parse(&buf[..n]);
-        }
-        Ok(())
+    /// Take what is pending, after reading what is still queued in the
+    /// kernel (an event of a write that returned before this call is seen).
+    fn take(&mut self) -> Result<Pending> {
+        let (m, _) = &*self.shared;
+        let mut p = m.lock().unwrap_or_else(|e| e.into_inner());
+        let r = read_all(&self.fan, &mut p);
+        let taken = Pending {
+            recs: std::mem::take(&mut p.recs),
+            overflowed: std::mem::take(&mut p.overflowed),
+            undecodable: std::mem::take(&mut p.undecodable),
+            overflows: p.overflows,
+            events: p.events,
+        };
+        self.overflows = p.overflows;
+        self.events = p.events;
+        r.map(|()| taken)
     }
+}
 
+/// Read every queued event into `p`.
+fn read_all(fan: &Fanotify, p: &mut Pending) -> Result<()> {
+    let mut buf = vec![0u8; 256 << 10];
+    loop {
+        let n = match nix::unistd::read(fan.as_fd(), &mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(nix::errno::Errno::EAGAIN) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(SyncError::Journal(format!("read: {e}"))),
+        };
+        p.parse(&buf[..n]);
+    }
+    Ok(())
+}
+
+impl Pending {
     fn parse(&mut self, mut b: &[u8]) {
         while b.len() >= 24 {
             let event_len = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
@@ -147,10 +213,12 @@ impl Journal {
                     INFO_FID | INFO_DFID_NAME | INFO_DFID | INFO_OLD_DFID_NAME | INFO_NEW_DFID_NAME
                 ) {
                     match decode_handle(rec) {
-                        Some(ino) => self.pending.push(Record {
-                            ino,
-                            is_dir_handle: ty != INFO_FID,
-                        }),
+                        Some(ino) => {
+                            self.recs.insert(Record {
+                                ino,
+                                is_dir_handle: ty != INFO_FID,
+                            });
+                        }
                         None => self.undecodable = true,
                     }
                 }
@@ -159,32 +227,35 @@ impl Journal {
             b = &b[event_len..];
         }
     }
+}
 
+impl Journal {
     /// Forget everything queued (a full scan follows).
     pub fn drain(&mut self) {
-        let _ = self.read_all();
-        self.pending.clear();
-        self.overflowed = false;
-        self.undecodable = false;
+        let _ = self.take();
     }
 
     /// Whether events are waiting, waiting up to `timeout` for one.
     pub fn wait(&self, timeout: std::time::Duration) -> bool {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let mut fds = [PollFd::new(self.fan.as_fd(), PollFlags::POLLIN)];
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        matches!(poll(&mut fds, PollTimeout::try_from(ms).unwrap_or(PollTimeout::NONE)), Ok(n) if n > 0)
+        let (m, cv) = &*self.shared;
+        let p = m.lock().unwrap_or_else(|e| e.into_inner());
+        let (p, _) = cv
+            .wait_timeout_while(p, timeout, |p| {
+                p.recs.is_empty() && !p.overflowed && !p.undecodable
+            })
+            .unwrap_or_else(|e| e.into_inner());
+        !p.recs.is_empty() || p.overflowed || p.undecodable
     }
 
     /// Directories of `prev` (relative paths) whose content or attributes
     /// changed since the last call; `None` when only a full scan is safe.
     /// Events on objects outside the tree (unknown inodes) are ignored.
     pub fn changed_dirs(&mut self, prev: &Index) -> Result<Option<HashSet<Vec<u8>>>> {
-        self.read_all()?;
-        let recs = std::mem::take(&mut self.pending);
-        if std::mem::take(&mut self.overflowed) | std::mem::take(&mut self.undecodable) {
+        let p = self.take()?;
+        if p.overflowed | p.undecodable {
             return Ok(None);
         }
+        let recs = p.recs;
         // Map only the inodes the events name (one pass, no per-entry allocation).
         let wanted: HashSet<u64> = recs.iter().map(|r| r.ino).collect();
         let mut by_ino: HashMap<u64, Vec<usize>> = HashMap::new();

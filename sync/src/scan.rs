@@ -717,7 +717,6 @@ pub(crate) fn rescan_changes(
         }
         upto = upto.max(r.end);
     }
-    ch.removed = removed;
     // Content hashes: cached when size, mtime and inode match (as `finish`).
     let mut need = Vec::new();
     for (i, e) in added.iter_mut().enumerate() {
@@ -749,8 +748,30 @@ pub(crate) fn rescan_changes(
     for (i, h) in hashes {
         added[i].hash = h?;
     }
+    // A re-listed entry identical to its previous version (the other names
+    // in a changed directory) stays as it was: neither re-encoded nor
+    // compared again later.
+    let mut same_at: HashSet<usize> = HashSet::new();
+    added.retain(|e| {
+        let keep = match at(&e.path) {
+            Some(j) if removed.binary_search(&j).is_ok() && identical(&es[j], e) => {
+                same_at.insert(j);
+                false
+            }
+            _ => true,
+        };
+        keep
+    });
+    removed.retain(|j| !same_at.contains(j));
+    ch.removed = removed;
     ch.added = added;
     Ok(ch)
+}
+
+/// Same digest-relevant content and same local facts (inode, link count,
+/// blocks): keeping the previous entry is exact.
+fn identical(p: &Entry, e: &Entry) -> bool {
+    p.same_inode_meta(e) && p.ino == e.ino && p.nlink == e.nlink && p.blocks == e.blocks
 }
 
 /// The result of [`splice`].
@@ -773,13 +794,44 @@ pub(crate) struct Spliced {
 /// entries (checked by a property test).
 pub(crate) fn splice(prev: Index, leaves: Vec<[u8; 32]>, ch: Changes) -> Spliced {
     let n = prev.entries.len() - ch.removed.len() + ch.added.len();
-    let mut entries: Vec<Entry> = Vec::with_capacity(n);
-    let mut lv: Vec<[u8; 32]> = Vec::with_capacity(n);
     let mut fresh = vec![false; n];
     let mut old: Vec<Entry> = Vec::with_capacity(ch.removed.len());
+    // Only replacements (touched, rewritten files): in place, no move of
+    // the other entries.
+    let in_place = ch.removed.len() == ch.added.len()
+        && ch
+            .removed
+            .iter()
+            .zip(&ch.added)
+            .all(|(&i, a)| prev.entries[i].path == a.path);
+    let (entries, lv) = if in_place {
+        let (mut entries, mut lv) = (prev.entries, leaves);
+        for (&i, a) in ch.removed.iter().zip(ch.added) {
+            old.push(std::mem::replace(&mut entries[i], a));
+            lv[i] = [0; 32];
+            fresh[i] = true;
+        }
+        (entries, lv)
+    } else {
+        merge_changes(prev.entries, leaves, ch, &mut fresh, &mut old)
+    };
+    splice_finish(entries, lv, fresh, old)
+}
+
+/// Merge removals and additions into a new list (moving the entries).
+fn merge_changes(
+    prev: Vec<Entry>,
+    leaves: Vec<[u8; 32]>,
+    ch: Changes,
+    fresh: &mut [bool],
+    old: &mut Vec<Entry>,
+) -> (Vec<Entry>, Vec<[u8; 32]>) {
+    let n = fresh.len();
+    let mut entries: Vec<Entry> = Vec::with_capacity(n);
+    let mut lv: Vec<[u8; 32]> = Vec::with_capacity(n);
     let mut rem = ch.removed.iter().peekable();
     let mut add = ch.added.into_iter().peekable();
-    for (i, (e, l)) in prev.entries.into_iter().zip(leaves).enumerate() {
+    for (i, (e, l)) in prev.into_iter().zip(leaves).enumerate() {
         if rem.peek() == Some(&&i) {
             rem.next();
             old.push(e);
@@ -801,15 +853,25 @@ pub(crate) fn splice(prev: Index, leaves: Vec<[u8; 32]>, ch: Changes) -> Spliced
         entries.push(a);
         lv.push([0; 32]);
     }
+    (entries, lv)
+}
+
+/// Continuation of [`splice`]: hardlink groups, leaves, digest.
+fn splice_finish(
+    mut entries: Vec<Entry>,
+    mut lv: Vec<[u8; 32]>,
+    mut fresh: Vec<bool>,
+    mut old: Vec<Entry>,
+) -> Spliced {
     // Hardlink groups from inode numbers, over the whole list as `finish`
     // does (a cheap pass over integers): a stale link count on an entry
     // that was not re-listed must not split or merge a group differently.
-    let multi: HashSet<u64> = entries
+    let multi: HashSet<u64, InoHash> = entries
         .iter()
         .filter(|e| e.kind != Kind::Dir && e.nlink > 1)
         .map(|e| e.ino)
         .collect();
-    let mut leaders: HashMap<u64, usize> = HashMap::new();
+    let mut leaders: HashMap<u64, usize, InoHash> = HashMap::default();
     let mut touch = |i: usize, entries: &mut Vec<Entry>, old: &mut Vec<Entry>| {
         if !fresh[i] {
             fresh[i] = true;
@@ -856,6 +918,34 @@ pub(crate) fn splice(prev: Index, leaves: Vec<[u8; 32]>, ch: Changes) -> Spliced
         leaves: lv,
         changed,
         old,
+    }
+}
+
+/// Inode numbers are already well spread: one multiplication is hash enough
+/// (this set is probed once per entry of the tree every journal round).
+#[derive(Default, Clone, Copy)]
+struct InoHash;
+
+impl std::hash::BuildHasher for InoHash {
+    type Hasher = InoHasher;
+    fn build_hasher(&self) -> InoHasher {
+        InoHasher(0)
+    }
+}
+
+struct InoHasher(u64);
+
+impl std::hash::Hasher for InoHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ *b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+    }
+    fn write_u64(&mut self, x: u64) {
+        self.0 = (self.0 ^ x).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
 

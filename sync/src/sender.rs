@@ -205,9 +205,22 @@ pub(crate) fn scan_for_round(
         return full(last.or(cache));
     }
     if let (Some(j), Some(prev)) = (journal.as_mut(), last) {
+        let t = Instant::now();
+        let ev0 = j.events;
         match j.changed_dirs(prev) {
             Ok(Some(dirs)) => {
+                let t_dirs = t.elapsed();
                 let ch = crate::scan::rescan_changes(src, prev, &dirs, want)?;
+                tracing::debug!(
+                    events = j.events - ev0,
+                    dirs = dirs.len(),
+                    listed = ch.dirs_listed,
+                    added = ch.added.len(),
+                    removed = ch.removed.len(),
+                    journal_ms = t_dirs.as_millis() as u64,
+                    rescan_ms = (t.elapsed() - t_dirs).as_millis() as u64,
+                    "journal rescan"
+                );
                 return Ok(Scanned::Journal(ch));
             }
             Ok(None) => {
@@ -402,9 +415,16 @@ fn send_round_inner(
     let (mut idx, mut leaves, diff) = match scanned {
         Scanned::Full(i, l) => (i, l, None),
         Scanned::Journal(ch) => {
+            let t = Instant::now();
             let prev = state.last.take().unwrap_or_default();
             let pl = state.take_leaves(&prev);
             let sp = crate::scan::splice(prev, pl, ch);
+            tracing::debug!(
+                changed = sp.changed.len(),
+                old = sp.old.len(),
+                splice_ms = t.elapsed().as_millis() as u64,
+                "spliced"
+            );
             (sp.index, sp.leaves, Some((sp.changed, sp.old)))
         }
     };
