@@ -752,15 +752,12 @@ pub(crate) fn rescan_changes(
     // in a changed directory) stays as it was: neither re-encoded nor
     // compared again later.
     let mut same_at: HashSet<usize> = HashSet::new();
-    added.retain(|e| {
-        let keep = match at(&e.path) {
-            Some(j) if removed.binary_search(&j).is_ok() && identical(&es[j], e) => {
-                same_at.insert(j);
-                false
-            }
-            _ => true,
-        };
-        keep
+    added.retain(|e| match at(&e.path) {
+        Some(j) if removed.binary_search(&j).is_ok() && identical(&es[j], e) => {
+            same_at.insert(j);
+            false
+        }
+        _ => true,
     });
     removed.retain(|j| !same_at.contains(j));
     ch.removed = removed;
