@@ -7,6 +7,8 @@ pub mod command;
 pub mod config;
 pub mod controller;
 pub mod failover;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod liveness;
 pub mod metrics;
 pub mod model;
