@@ -26,6 +26,7 @@ use crate::peer_client::{PeerClients, MAX_MESSAGE};
 use crate::raft_loop;
 use crate::raft_node::{CoreConfig, RaftCore, RaftError};
 use crate::submit::Submitter;
+use crate::tls::Security;
 use crate::transport;
 
 #[derive(Debug, thiserror::Error)]
@@ -44,8 +45,11 @@ pub enum AgentError {
     RaftStopped(String),
 }
 
+/// Runs one agent. `security` comes from [`Security::load`] on
+/// `cfg.tls` (vshad loads it first so bad TLS files fail like a bad config).
 pub async fn run(
     cfg: AgentConfig,
+    security: Security,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), AgentError> {
@@ -58,7 +62,7 @@ pub async fn run(
     };
     let raft_dir = cfg.data_dir.join("raft");
     let core = RaftCore::open(core_cfg, &raft_dir, cfg.initial_cluster.as_deref())?;
-    let peers = PeerClients::default();
+    let peers = PeerClients::new(security.clone());
     let mut join_members = Vec::new();
     if core.is_fresh() {
         let Some(addr) = cfg.join.clone() else {
@@ -154,24 +158,44 @@ pub async fn run(
         liveness,
         liveness_timeout: cfg.liveness_timeout,
         leader: Arc::clone(&leader),
+        security: security.clone(),
     };
     let peer = PeerApi {
         raft: raft.clone(),
         leader,
         replication,
     };
-    tracing::info!(node = cfg.node_id, listen = %cfg.listen, advertise = %cfg.advertise, "vshad serving");
-    let server = tonic::transport::Server::builder()
+    tracing::info!(node = cfg.node_id, listen = %cfg.listen, advertise = %cfg.advertise, tls = security.is_tls(), "vshad serving");
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = security.server_config() {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| AgentError::Server(format!("TLS: {e}")))?;
+    } else {
+        tracing::warn!(
+            "plaintext gRPC (--insecure): any host that reaches {} can control this cluster",
+            cfg.listen
+        );
+    }
+    let peer_service = PeerServer::new(peer)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let node_only = security.is_tls();
+    let server = builder
         .add_service(
             ClusterServer::new(cluster)
                 .max_decoding_message_size(MAX_MESSAGE)
                 .max_encoding_message_size(MAX_MESSAGE),
         )
-        .add_service(
-            PeerServer::new(peer)
-                .max_decoding_message_size(MAX_MESSAGE)
-                .max_encoding_message_size(MAX_MESSAGE),
-        )
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            peer_service,
+            move |req: tonic::Request<()>| {
+                if node_only {
+                    crate::api::peer::require_node_certificate(&req)?;
+                }
+                Ok(req)
+            },
+        ))
         .serve_with_incoming_shutdown(incoming(listener), shutdown);
     crate::sd_notify::notify("READY=1");
     let watchdog = crate::sd_notify::watchdog_interval().map(|every| {

@@ -9,11 +9,14 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::model::{AdminState, NodeId, NodeRecord, Role};
+use crate::tls::TlsPaths;
 use crate::validate;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/vsha/vshad.toml";
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7700";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/vsha";
+/// Where `vsha cert` bundles are installed on a machine.
+pub const DEFAULT_PKI_DIR: &str = "/etc/vsha/pki";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -64,6 +67,14 @@ pub struct FileConfig {
     pub replication_interval_ms: Option<u64>,
     /// HOST:PORT for Prometheus (`GET /metrics`); none = no exporter.
     pub metrics_listen: Option<String>,
+    /// Plaintext gRPC (no TLS): for tests and demos only.
+    pub insecure: Option<bool>,
+    /// The cluster CA certificate (PEM) peers and clients must be signed by.
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), from `vsha cert node NAME`.
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM).
+    pub tls_key: Option<PathBuf>,
 }
 
 /// Flags given on the command line; each overrides the file's value.
@@ -76,6 +87,11 @@ pub struct Overrides {
     pub initial_cluster: Option<String>,
     pub join: Option<String>,
     pub log_format: Option<String>,
+    /// `--insecure`: true overrides the file; false leaves the file's value.
+    pub insecure: bool,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +120,8 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     pub failover: FailoverSettings,
     pub metrics_listen: Option<SocketAddr>,
+    /// The TLS files; `None` only when plaintext was asked for explicitly.
+    pub tls: Option<TlsPaths>,
 }
 
 /// The timing profiles: what each trades is in docs/config.md.
@@ -343,6 +361,35 @@ impl AgentConfig {
             ),
             None => None,
         };
+        let insecure = o.insecure || f.insecure.unwrap_or(false);
+        let tls_given = [
+            &o.tls_ca,
+            &o.tls_cert,
+            &o.tls_key,
+            &f.tls_ca,
+            &f.tls_cert,
+            &f.tls_key,
+        ]
+        .iter()
+        .any(|p| p.is_some());
+        if insecure && tls_given {
+            return Err(field(
+                "insecure",
+                "set together with tls_ca/tls_cert/tls_key: choose TLS or plaintext",
+            ));
+        }
+        let pki = Path::new(DEFAULT_PKI_DIR);
+        let tls = (!insecure).then(|| TlsPaths {
+            ca: o.tls_ca.or(f.tls_ca).unwrap_or_else(|| pki.join("ca.crt")),
+            cert: o
+                .tls_cert
+                .or(f.tls_cert)
+                .unwrap_or_else(|| pki.join("node.crt")),
+            key: o
+                .tls_key
+                .or(f.tls_key)
+                .unwrap_or_else(|| pki.join("node.key")),
+        });
         Ok(AgentConfig {
             node_id,
             listen,
@@ -360,6 +407,7 @@ impl AgentConfig {
             log_format,
             failover,
             metrics_listen,
+            tls,
         })
     }
 }
@@ -476,6 +524,42 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         assert_eq!(c.tick, Duration::from_millis(100));
         assert_eq!(c.liveness_timeout, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn tls_is_the_default_and_plaintext_is_explicit() {
+        let c = load("node_id = 1\n", Overrides::default()).unwrap();
+        let tls = c.tls.expect("TLS on by default");
+        assert_eq!(tls.cert, Path::new(DEFAULT_PKI_DIR).join("node.crt"));
+        let c = load(
+            "node_id = 1\ntls_key = \"/k\"\n",
+            Overrides {
+                tls_cert: Some("/c".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let tls = c.tls.unwrap();
+        assert_eq!(
+            (tls.cert.as_path(), tls.key.as_path()),
+            (Path::new("/c"), Path::new("/k"))
+        );
+        let insecure = Overrides {
+            insecure: true,
+            ..Default::default()
+        };
+        assert!(load("node_id = 1\n", insecure.clone())
+            .unwrap()
+            .tls
+            .is_none());
+        assert!(load("node_id = 1\ninsecure = true\n", Overrides::default())
+            .unwrap()
+            .tls
+            .is_none());
+        assert_eq!(
+            named(load("node_id = 1\ntls_ca = \"/ca\"\n", insecure).unwrap_err()),
+            "insecure"
+        );
     }
 
     #[test]

@@ -11,17 +11,21 @@ use vsha_proto::v1::ProposeRequest;
 
 use crate::command::Command;
 use crate::submit::SubmitError;
+use crate::tls::{Security, TlsError};
 
 /// Largest message accepted on any call: raft batches can be big.
 pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct PeerClients {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    security: Security,
 }
 
-pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+/// An endpoint for another agent, with this agent's transport security.
+pub fn endpoint(security: &Security, addr: &str) -> Result<Endpoint, TlsError> {
+    Ok(security
+        .endpoint(addr)?
         .connect_timeout(Duration::from_millis(800))
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
@@ -29,13 +33,24 @@ pub fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
 }
 
 impl PeerClients {
+    pub fn new(security: Security) -> PeerClients {
+        PeerClients {
+            channels: Arc::default(),
+            security,
+        }
+    }
+
+    pub fn security(&self) -> &Security {
+        &self.security
+    }
+
     pub fn client(&self, addr: &str) -> Result<PeerClient<Channel>, SubmitError> {
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         let channel = match map.get(addr) {
             Some(c) => c.clone(),
             None => {
-                let c = endpoint(addr)
-                    .map_err(|e| SubmitError::Transport(format!("bad peer address {addr:?}: {e}")))?
+                let c = endpoint(&self.security, addr)
+                    .map_err(|e| SubmitError::Transport(format!("peer {e}")))?
                     .connect_lazy();
                 map.insert(addr.to_string(), c.clone());
                 c

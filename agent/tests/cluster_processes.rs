@@ -1,18 +1,60 @@
 //! Real `vshad` processes on 127.0.0.1-3 (loopback only), each with its own
-//! data dir, driven through the real `vsha` CLI. Every process is killed and
-//! every dir removed when the test ends, also when it fails.
+//! data dir, driven through the real `vsha` CLI, with mTLS on every link (as
+//! in production). Every process is killed and every dir removed when the
+//! test ends, also when it fails.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+use vsha_agent::pki;
+use vsha_agent::tls::Role;
 
 const VSHAD: &str = env!("CARGO_BIN_EXE_vshad");
 const VSHA: &str = env!("CARGO_BIN_EXE_vsha");
 /// Generous: the machine may be busy; tests wait for conditions, not times.
 const PATIENCE: Duration = Duration::from_secs(60);
+
+/// One cluster CA for this test binary (every test cluster trusts it), in
+/// the target's temp dir so it is made once and never left in /tmp.
+fn pki_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cluster-processes-pki");
+        let _ = std::fs::remove_dir_all(&dir);
+        pki::init_ca(&dir).unwrap();
+        pki::issue(&dir, Role::Client, "tests", &[], &[]).unwrap();
+        dir
+    })
+}
+
+/// `--tls-*` flags for node `id` (its certificate is made on first use).
+fn node_tls(id: u64) -> Vec<String> {
+    static ISSUE: Mutex<()> = Mutex::new(());
+    let bundle = pki_dir().join("nodes").join(format!("n{id}"));
+    {
+        let _one_at_a_time = ISSUE.lock().unwrap_or_else(|e| e.into_inner());
+        if !bundle.exists() {
+            pki::issue(pki_dir(), Role::Node, &format!("n{id}"), &[], &[]).unwrap();
+        }
+    }
+    let f = |name: &str| bundle.join(name).display().to_string();
+    vec![
+        "--tls-ca".into(),
+        f("ca.crt"),
+        "--tls-cert".into(),
+        f("node.crt"),
+        "--tls-key".into(),
+        f("node.key"),
+    ]
+}
+
+fn client_bundle() -> PathBuf {
+    pki_dir().join("clients").join("tests")
+}
 
 struct Agent {
     id: u64,
@@ -37,6 +79,7 @@ impl Agent {
             .args(["--node-id", &self.id.to_string(), "--listen", &self.addr])
             .arg("--data-dir")
             .arg(&self.data)
+            .args(node_tls(self.id))
             .args(extra)
             .env("VSHA_LOG", "info,raft=warn,raft_engine=warn,h2=warn")
             .stdin(Stdio::null())
@@ -165,7 +208,11 @@ impl Cluster {
 }
 
 fn vsha(endpoint: &str, args: &[&str]) -> Output {
+    let b = client_bundle();
     Command::new(VSHA)
+        .env("VSHA_TLS_CA", b.join("ca.crt"))
+        .env("VSHA_TLS_CERT", b.join("client.crt"))
+        .env("VSHA_TLS_KEY", b.join("client.key"))
         .args(["--endpoint", endpoint])
         .args(args)
         .output()
@@ -483,6 +530,7 @@ fn no_agent_and_bad_config_are_explained() {
         .arg(dir.path().join("empty"))
         .arg("--config")
         .arg(Path::new("/dev/null"))
+        .arg("--insecure")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
@@ -531,6 +579,7 @@ fn corrupt_raft_log_stops_the_agent_with_a_clear_error() {
         .args(["--node-id", "1", "--listen", &a.addr])
         .arg("--data-dir")
         .arg(&a.data)
+        .args(node_tls(1))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -592,4 +641,112 @@ fn metrics_are_served_over_http() {
         assert!(text.contains(family), "no {family} in:\n{text}");
     }
     c.agent(1).stop();
+}
+
+/// mTLS refuses what the cluster CA did not sign, and the `Peer` service
+/// (raft messages, leases, replication) takes node certificates only.
+#[test]
+fn peers_and_clients_without_a_cluster_certificate_are_refused() {
+    use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+    use vsha_proto::v1 as pb;
+    use vsha_proto::v1::cluster_client::ClusterClient;
+    use vsha_proto::v1::peer_client::PeerClient;
+
+    let c = Cluster::with_config(1, 0, "");
+    agreed_leader(&c, &[1], 0);
+    let addr = c.addr(1);
+
+    let other = tempfile::tempdir().unwrap();
+    pki::init_ca(other.path()).unwrap();
+    let foreign_node = pki::issue(other.path(), Role::Node, "n1", &[], &[]).unwrap();
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+    let ca = Certificate::from_pem(read(pki_dir().join("ca.crt")));
+    let identity = |dir: &Path, stem: &str| {
+        Identity::from_pem(
+            read(dir.join(format!("{stem}.crt"))),
+            read(dir.join(format!("{stem}.key"))),
+        )
+    };
+    let endpoint = |id: Option<Identity>| {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(ca.clone())
+            .domain_name(vsha_agent::tls::NODE_NAME);
+        if let Some(id) = id {
+            tls = tls.identity(id);
+        }
+        Endpoint::from_shared(format!("https://{addr}"))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .timeout(Duration::from_secs(10))
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Status over the Cluster service: who may ask.
+        async fn status(ep: Endpoint) -> Result<(), String> {
+            let ch = ep.connect().await.map_err(|e| format!("connect: {e:?}"))?;
+            ClusterClient::new(ch)
+                .status(pb::StatusRequest { stale: true })
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{s:?}"))
+        }
+        status(endpoint(Some(identity(&client_bundle(), "client"))))
+            .await
+            .expect("a client certificate of this cluster is served");
+        let no_cert = status(endpoint(None)).await;
+        assert!(no_cert.is_err(), "no client certificate must be refused");
+        let foreign = status(endpoint(Some(identity(&foreign_node, "node")))).await;
+        assert!(
+            foreign.is_err(),
+            "a certificate of another CA must be refused"
+        );
+
+        // The Peer service: a client certificate is authenticated but may
+        // not speak for a node.
+        let ch = endpoint(Some(identity(&client_bundle(), "client")))
+            .connect()
+            .await
+            .unwrap();
+        let denied = PeerClient::new(ch)
+            .heartbeat(pb::HeartbeatRequest::default())
+            .await
+            .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+        let foreign = endpoint(Some(identity(&foreign_node, "node")))
+            .connect()
+            .await;
+        if let Ok(ch) = foreign {
+            let r = PeerClient::new(ch)
+                .heartbeat(pb::HeartbeatRequest::default())
+                .await;
+            assert!(
+                r.is_err(),
+                "a node certificate of another CA must be refused"
+            );
+        }
+    });
+
+    // Plaintext to a TLS agent fails with a hint, and changes nothing.
+    let out = vsha(
+        &addr,
+        &["--insecure", "vserver", "add", "x", "--ip", "10.60.0.1"],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--insecure"), "{err}");
+    assert_eq!(vserver_names(&addr), Some(vec![]));
+
+    // An agent whose files are missing does not start, and says what to do.
+    let out = Command::new(VSHAD)
+        .args(["--node-id", "9", "--config", "/dev/null"])
+        .args(["--tls-cert", "/nonexistent/node.crt"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tls_") && err.contains("vsha cert node"),
+        "{err}"
+    );
 }

@@ -73,6 +73,22 @@ pub fn cgroup2_root() -> PathBuf {
     panic!("no cgroup2 mount");
 }
 
+/// `vsha cert ARGS --dir PKI`, which must succeed.
+fn make_certificate(args: &[&str], pki: &Path) {
+    let out = Command::new(binary("vsha"))
+        .arg("cert")
+        .args(args)
+        .arg("--dir")
+        .arg(pki)
+        .output()
+        .expect("vsha cert");
+    assert!(
+        out.status.success(),
+        "vsha cert {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Kills and removes the cgroup trees of the cluster's nodes.
 struct Cgroups(Vec<PathBuf>);
 
@@ -241,6 +257,10 @@ impl Builder {
         let mut agents = Vec::new();
         let mut profile = vec!["profile = \"fast\"".to_string()];
         profile.extend(self.config.iter().cloned());
+        // mTLS as in production, with certificates made by `vsha cert`.
+        let pki = dir.path().join("pki");
+        make_certificate(&["init"], &pki);
+        make_certificate(&["client", "tests"], &pki);
         for id in 1..=self.nodes {
             let node_dir = dir.path().join(format!("n{id}"));
             std::fs::create_dir_all(node_dir.join("vservers")).expect("mkdir");
@@ -255,9 +275,15 @@ impl Builder {
             }
             let parent = format!("{run}-n{id}");
             let config = node_dir.join("vshad.toml");
+            make_certificate(&["node", &format!("n{id}")], &pki);
+            let certs = pki.join(format!("nodes/n{id}"));
             let mut text = format!(
-                "vserver_root = \"{}\"\ncgroup_parent = \"{parent}\"\n",
-                node_dir.join("vservers").display()
+                "vserver_root = \"{}\"\ncgroup_parent = \"{parent}\"\n\
+                 tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                node_dir.join("vservers").display(),
+                certs.join("ca.crt").display(),
+                certs.join("node.crt").display(),
+                certs.join("node.key").display(),
             );
             // TOML refuses a key twice: the last setting of a key wins here.
             let mut seen = std::collections::BTreeMap::new();
@@ -369,11 +395,18 @@ impl Cluster {
     /// `vsha` through node `via` (1-based), from inside its namespace;
     /// gives up after 60 s (a stopped agent never answers).
     pub fn vsha(&self, via: u64, args: &[&str]) -> Output {
+        let certs = self.dir.path().join("pki/clients/tests");
         Command::new("nsenter")
             .arg(format!("--net={}", self.net.node(via).path()))
             .args(["timeout", "-s", "KILL", "60"])
             .arg(binary("vsha"))
             .args(["--endpoint", &self.agents[via as usize - 1].addr])
+            .arg("--tls-ca")
+            .arg(certs.join("ca.crt"))
+            .arg("--tls-cert")
+            .arg(certs.join("client.crt"))
+            .arg("--tls-key")
+            .arg(certs.join("client.key"))
             .args(args)
             .output()
             .expect("spawn vsha")

@@ -21,6 +21,7 @@ use crate::model::{AdminState, NodeRecord};
 use crate::peer_client::{endpoint, MAX_MESSAGE};
 use crate::raft_loop::RaftHandle;
 use crate::submit::Submitter;
+use crate::tls::Security;
 use crate::validate;
 
 /// How long a linearizable read waits for the leader's confirmation.
@@ -33,6 +34,8 @@ pub struct ClusterApi {
     /// A node not heard from for longer is shown as unreachable.
     pub liveness_timeout: Duration,
     pub leader: Arc<LeaderRuntime>,
+    /// How this agent reaches the leader when it forwards a request.
+    pub security: Security,
 }
 
 /// Where a request that only the leader can serve goes.
@@ -105,8 +108,8 @@ impl ClusterApi {
                 view.leader_id
             ))
         })?;
-        let channel = endpoint(&addr)
-            .map_err(|e| Status::internal(format!("leader address {addr:?}: {e}")))?
+        let channel = endpoint(&self.security, &addr)
+            .map_err(|e| Status::internal(format!("leader {e}")))?
             .connect()
             .await
             .map_err(|e| {

@@ -16,6 +16,21 @@ use crate::submit::APPLY_WAIT;
 /// A snapshot larger than this is refused rather than buffered.
 const MAX_SNAPSHOT: u64 = 1024 * 1024 * 1024;
 
+/// Agents' own calls (raft messages, snapshots, leases, replication) need
+/// a node certificate: an operator's client certificate may use the
+/// `Cluster` service only. Runs before the request body is decoded.
+pub fn require_node_certificate(req: &Request<()>) -> Result<(), Status> {
+    let certs = req.peer_certs().ok_or_else(|| {
+        Status::unauthenticated("Peer calls need a node certificate; none was presented")
+    })?;
+    match certs.first() {
+        Some(c) if crate::tls::der_is_node_certificate(c) => Ok(()),
+        _ => Err(Status::permission_denied(
+            "Peer calls need a node certificate (`vsha cert node NAME`); a client certificate may use the Cluster service only",
+        )),
+    }
+}
+
 pub struct PeerApi {
     pub raft: RaftHandle,
     pub leader: Arc<LeaderRuntime>,

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tokio::signal::unix::{signal, SignalKind};
 use vsha_agent::config::{AgentConfig, LogFormat, Overrides, DEFAULT_CONFIG_PATH};
+use vsha_agent::tls::{Role, Security};
 
 /// EX_CONFIG from sysexits.h: the configuration is unusable.
 const EXIT_CONFIG: u8 = 64;
@@ -38,6 +39,18 @@ struct Args {
     /// Log format: human or json.
     #[arg(long, value_name = "FORMAT")]
     log_format: Option<String>,
+    /// Plaintext gRPC without TLS: tests and demos only.
+    #[arg(long, env = "VSHA_INSECURE", conflicts_with_all = ["tls_ca", "tls_cert", "tls_key"])]
+    insecure: bool,
+    /// The cluster CA certificate [default: /etc/vsha/pki/ca.crt].
+    #[arg(long, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
+    /// This node's certificate [default: /etc/vsha/pki/node.crt].
+    #[arg(long, value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// This node's private key [default: /etc/vsha/pki/node.key].
+    #[arg(long, value_name = "FILE")]
+    tls_key: Option<PathBuf>,
 }
 
 fn init_logging(format: LogFormat) {
@@ -74,6 +87,10 @@ fn main() -> ExitCode {
         initial_cluster: args.initial_cluster,
         join: args.join,
         log_format: args.log_format,
+        insecure: args.insecure,
+        tls_ca: args.tls_ca,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
     };
     let cfg = match AgentConfig::load(&path, explicit, overrides) {
         Ok(c) => c,
@@ -81,6 +98,22 @@ fn main() -> ExitCode {
             eprintln!("vshad: bad configuration: {e}");
             return ExitCode::from(EXIT_CONFIG);
         }
+    };
+    let security = match &cfg.tls {
+        None => Security::Insecure,
+        Some(paths) => match Security::load(paths, Role::Node) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!(
+                    "vshad: TLS: {e}\n\
+                     Every agent needs the cluster CA and a node certificate: create them with \
+                     `vsha cert init` and `vsha cert node NAME` (docs/operations.md), and set \
+                     tls_ca/tls_cert/tls_key if they are not in /etc/vsha/pki; \
+                     or run with --insecure (plaintext; tests and demos only)."
+                );
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
     };
     init_logging(cfg.log_format);
     let rt = match tokio::runtime::Runtime::new() {
@@ -90,7 +123,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(serve(cfg)) {
+    match rt.block_on(serve(cfg, security)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -100,7 +133,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
+async fn serve(cfg: AgentConfig, security: Security) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", cfg.listen))?;
@@ -112,6 +145,6 @@ async fn serve(cfg: AgentConfig) -> anyhow::Result<()> {
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
     };
-    vsha_agent::agent::run(cfg, listener, shutdown).await?;
+    vsha_agent::agent::run(cfg, security, listener, shutdown).await?;
     Ok(())
 }

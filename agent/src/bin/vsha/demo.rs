@@ -19,6 +19,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use vsha_proto::v1 as pb;
 
+use vsha_agent::tls::{Role, Security, TlsPaths};
+
 use crate::client::connect;
 use crate::output;
 
@@ -76,6 +78,8 @@ struct Demo {
     vshad: PathBuf,
     initial: String,
     cgroups: Vec<PathBuf>,
+    /// The demo's own client certificate (its cluster has its own CA).
+    security: Security,
 }
 
 impl Drop for Demo {
@@ -148,9 +152,9 @@ impl Demo {
     }
 }
 
-async fn status(addrs: &[String]) -> Option<pb::StatusResponse> {
+async fn status(addrs: &[String], security: &Security) -> Option<pb::StatusResponse> {
     for a in addrs {
-        if let Ok(mut c) = connect(a).await {
+        if let Ok(mut c) = connect(a, security).await {
             if let Ok(r) = c.status(pb::StatusRequest { stale: false }).await {
                 return Some(r.into_inner());
             }
@@ -161,12 +165,13 @@ async fn status(addrs: &[String]) -> Option<pb::StatusResponse> {
 
 async fn wait_for(
     addrs: &[String],
+    security: &Security,
     what: &str,
     f: impl Fn(&pb::StatusResponse) -> bool,
 ) -> anyhow::Result<pb::StatusResponse> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if let Some(s) = status(addrs).await {
+        if let Some(s) = status(addrs, security).await {
             if f(&s) {
                 return Ok(s);
             }
@@ -251,17 +256,33 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let cg_root = vsha_kernel::cgroup::CgroupLayout::probe()
         .context("finding the cgroup2 mount")?
         .v2_root;
+    let pki = dir.join("pki");
+    vsha_agent::pki::init_ca(&pki).context("creating the demo's cluster CA")?;
+    let client = vsha_agent::pki::issue(&pki, Role::Client, "demo", &[], &[])?;
+    let security = Security::load(
+        &TlsPaths {
+            ca: client.join("ca.crt"),
+            cert: client.join("client.crt"),
+            key: client.join("client.key"),
+        },
+        Role::Client,
+    )?;
     let mut nodes = Vec::new();
     let mut cgroups = Vec::new();
     for id in 1..=3u64 {
         let node_dir = dir.join(format!("node{id}"));
         std::fs::create_dir_all(node_dir.join("vservers"))?;
         let parent = format!("vsha-demo{}-n{id}", std::process::id());
+        let certs = vsha_agent::pki::issue(&pki, Role::Node, &format!("node{id}"), &[], &[])?;
         std::fs::write(
             node_dir.join("vshad.toml"),
             format!(
-                "profile = \"fast\"\nvserver_root = \"{}\"\ncgroup_parent = \"{parent}\"\nreplication_interval_ms = 500\n",
-                node_dir.join("vservers").display()
+                "profile = \"fast\"\nvserver_root = \"{}\"\ncgroup_parent = \"{parent}\"\nreplication_interval_ms = 500\n\
+                 tls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                node_dir.join("vservers").display(),
+                certs.join("ca.crt").display(),
+                certs.join("node.crt").display(),
+                certs.join("node.key").display(),
             ),
         )?;
         cgroups.push(cg_root.join(&parent));
@@ -289,6 +310,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         vshad,
         initial,
         cgroups,
+        security,
     };
     let interrupted = tokio::select! {
         r = show_failover(&mut demo, args.keep) => { r?; false }
@@ -309,14 +331,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 
 async fn show_failover(demo: &mut Demo, keep: bool) -> anyhow::Result<()> {
     let addrs: Vec<String> = demo.nodes.iter().map(|n| n.addr.clone()).collect();
+    let sec = demo.security.clone();
     println!("vsha demo: three agents in a private network namespace (profile fast)");
+    println!("  mTLS on every link, with a cluster CA and certificates made as `vsha cert` does");
     println!("  node 1 and node 2 run vservers, node 3 is a witness (votes, runs nothing)");
     println!("  data dirs and logs under {}\n", demo.dir.display());
     for i in 0..3 {
         demo.start(i)?;
     }
     let t0 = Instant::now();
-    let s = wait_for(&addrs, "a leader and three members", |s| {
+    let s = wait_for(&addrs, &sec, "a leader and three members", |s| {
         s.leader_id != 0 && s.nodes.len() == 3
     })
     .await?;
@@ -328,7 +352,7 @@ async fn show_failover(demo: &mut Demo, keep: bool) -> anyhow::Result<()> {
 
     let tree = demo.nodes[0].dir.join("vservers").join(VS);
     build_tree(&tree)?;
-    let mut c = connect(&addrs[0]).await?;
+    let mut c = connect(&addrs[0], &sec).await?;
     let spec = pb::VserverSpec {
         name: VS.into(),
         ip: IP.into(),
@@ -361,9 +385,12 @@ async fn show_failover(demo: &mut Demo, keep: bool) -> anyhow::Result<()> {
     println!("\n2. A busybox vserver with a web server that counts its hits in its own tree:");
     println!("     vsha vserver add {VS} --ip {IP}/24 --dev vs0 --start \"/bin/busybox httpd -f -p {IP}:80 -h /www\"");
     println!("     vsha pair add {VS} --primary 1 --standby 2");
-    let s = wait_for(&addrs, "web running on node 1, replicated to node 2", |s| {
-        runs_on(s, 1) && has_replica(s, 2)
-    })
+    let s = wait_for(
+        &addrs,
+        &sec,
+        "web running on node 1, replicated to node 2",
+        |s| runs_on(s, 1) && has_replica(s, 2),
+    )
     .await?;
     show(&s);
     let mut last = String::new();
@@ -373,7 +400,7 @@ async fn show_failover(demo: &mut Demo, keep: bool) -> anyhow::Result<()> {
     }
     // Let a replication round carry the last hits to node 2.
     let before = Instant::now();
-    wait_for(&addrs, "a fresh replica on node 2", |s| {
+    wait_for(&addrs, &sec, "a fresh replica on node 2", |s| {
         web(s)
             .and_then(|v| v.runtime.as_ref())
             .and_then(|r| r.lag.iter().find(|l| l.node == 2 && l.known))
@@ -405,7 +432,10 @@ async fn show_failover(demo: &mut Demo, keep: bool) -> anyhow::Result<()> {
     };
     let outage = killed.elapsed();
     let gone = down_seen.unwrap_or_default();
-    let s = wait_for(&addrs[1..], "web running on node 2", |s| runs_on(s, 2)).await?;
+    let s = wait_for(&addrs[1..], &sec, "web running on node 2", |s| {
+        runs_on(s, 2)
+    })
+    .await?;
     println!(
         "   node 1's copy stopped answering after {:.2} s; {IP} answers again after {:.2} s, now from node 2: {answer} (was {last} on node 1)",
         gone.as_secs_f64(),
@@ -414,7 +444,7 @@ async fn show_failover(demo: &mut Demo, keep: bool) -> anyhow::Result<()> {
     show(&s);
 
     demo.start(0)?;
-    let s = wait_for(&addrs, "node 1 back as the standby", |s| {
+    let s = wait_for(&addrs, &sec, "node 1 back as the standby", |s| {
         runs_on(s, 2) && has_replica(s, 1)
     })
     .await?;
@@ -423,9 +453,10 @@ async fn show_failover(demo: &mut Demo, keep: bool) -> anyhow::Result<()> {
 
     if keep {
         println!(
-            "\nThe cluster keeps running inside the demo's namespace. From another shell, enter it with\n  nsenter --net=/proc/{}/ns/net target/release/vsha --endpoint {} status\nCtrl-C stops it.",
+            "\nThe cluster keeps running inside the demo's namespace. From another shell, enter it with\n  nsenter --net=/proc/{}/ns/net target/release/vsha --endpoint {} --tls-ca {pki}/ca.crt --tls-cert {pki}/client.crt status\nCtrl-C stops it.",
             std::process::id(),
-            addrs[1]
+            addrs[1],
+            pki = demo.dir.join("pki/clients/demo").display(),
         );
         tokio::signal::ctrl_c().await.ok();
     }

@@ -1,5 +1,6 @@
 //! vsha: the operator's CLI. Exit codes: 0 ok, 1 error, 2 usage.
 
+mod cert_cmd;
 mod client;
 mod demo;
 mod docs_gen;
@@ -22,6 +23,8 @@ pub(crate) struct Cli {
     /// The agent to talk to.
     #[arg(long, global = true, env = "VSHA_ENDPOINT", default_value = DEFAULT_ENDPOINT, value_name = "HOST:PORT")]
     endpoint: String,
+    #[command(flatten)]
+    tls: client::TlsArgs,
     #[command(flatten)]
     local: local::LocalPaths,
     #[command(subcommand)]
@@ -93,6 +96,9 @@ enum Cmd {
     /// What the cluster would do, without doing it.
     #[command(subcommand)]
     Simulate(ops::SimulateCmd),
+    /// Certificates for mTLS: the cluster CA, nodes, operators.
+    #[command(subcommand)]
+    Cert(cert_cmd::CertCmd),
     /// Shell completions on stdout (bash, zsh, fish, elvish, powershell).
     Completions { shell: clap_complete::Shell },
     /// Write the man pages (vsha.1 and one per subcommand) into DIR.
@@ -285,6 +291,7 @@ async fn run_offline(cli: Cli) -> anyhow::Result<Result<i32, Cli>> {
             docs_gen::completions(shell)?;
             0
         }
+        Cmd::Cert(c) => cert_cmd::run(c)?,
         Cmd::Manpages { dir } => {
             let n = docs_gen::manpages(&dir)?;
             println!("{n} man pages written to {}", dir.display());
@@ -306,7 +313,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     };
     let ep = cli.endpoint.clone();
     let e = |s: tonic::Status| explain(&ep, s);
-    let mut c = connect(&cli.endpoint).await?;
+    let mut c = connect(&cli.endpoint, &cli.tls.security()?).await?;
     match cli.cmd {
         Cmd::Demo(_)
         | Cmd::Ps { .. }
@@ -314,6 +321,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         | Cmd::Sync(_)
         | Cmd::Completions { .. }
         | Cmd::Manpages { .. }
+        | Cmd::Cert(_)
         | Cmd::Vserver(VserverCmd::Local(_)) => unreachable!("handled by run_offline"),
         Cmd::Status { json, stale } => {
             let s = c
