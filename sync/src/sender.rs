@@ -587,6 +587,7 @@ fn send_round_inner(
                 continue;
             };
             let block = block_size(rsize);
+            let t_sig = Instant::now();
             peer.send(Frame::SigRequest {
                 path: b.clone(),
                 block,
@@ -595,6 +596,11 @@ fn send_round_inner(
                 Frame::Signature { block: bl, sums }
                     if bl == block && sums.len() as u64 == rsize.div_ceil(block as u64) =>
                 {
+                    tracing::debug!(
+                        bytes = rsize,
+                        ms = t_sig.elapsed().as_millis() as u64,
+                        "signature received"
+                    );
                     sigs.insert(n, sums);
                 }
                 Frame::Refused(r) => return Err(SyncError::PeerRefused(r)),
@@ -712,8 +718,15 @@ fn send_round_inner(
                     (Ok(()), Source::Delta(_)) => {
                         let sums = sigs.get(&n).cloned().unwrap_or_default();
                         let blen = delta_base.get(&n).copied().unwrap_or(0);
-                        send_delta(peer, src, e, blen, &sums, &mut stats)
-                            .map(|h| sent_hash.push((*k, h)))
+                        let t_d = Instant::now();
+                        let r = send_delta(peer, src, e, blen, &sums, &mut stats)
+                            .map(|h| sent_hash.push((*k, h)));
+                        tracing::debug!(
+                            bytes = e.size,
+                            ms = t_d.elapsed().as_millis() as u64,
+                            "delta sent"
+                        );
+                        r
                     }
                     (Ok(()), _) => Ok(()),
                 }
@@ -975,10 +988,40 @@ fn read_full(f: &mut std::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
+/// Hashes what a delta reads on a second thread, beside the block matching
+/// (the whole-file blake3 is as much work as the strong block sums).
 struct HashingReader<R> {
     inner: R,
-    h: blake3::Hasher,
+    tx: Option<std::sync::mpsc::SyncSender<Vec<u8>>>,
+    hasher: Option<std::thread::JoinHandle<[u8; 32]>>,
     left: u64,
+}
+
+impl<R> HashingReader<R> {
+    fn new(inner: R, len: u64) -> HashingReader<R> {
+        let (tx, rx) = sync_channel::<Vec<u8>>(4);
+        let hasher = std::thread::spawn(move || {
+            let mut h = blake3::Hasher::new();
+            for b in rx {
+                h.update(&b);
+            }
+            *h.finalize().as_bytes()
+        });
+        HashingReader {
+            inner,
+            tx: Some(tx),
+            hasher: Some(hasher),
+            left: len,
+        }
+    }
+
+    fn finish(mut self) -> std::io::Result<[u8; 32]> {
+        drop(self.tx.take());
+        self.hasher
+            .take()
+            .and_then(|h| h.join().ok())
+            .ok_or_else(|| std::io::Error::other("hashing thread failed"))
+    }
 }
 
 impl<R: Read> Read for HashingReader<R> {
@@ -990,7 +1033,12 @@ impl<R: Read> Read for HashingReader<R> {
             buf[..cap].fill(0);
             n = cap;
         }
-        self.h.update(&buf[..n]);
+        if n > 0 {
+            let sent = self.tx.as_ref().map(|t| t.send(buf[..n].to_vec()));
+            if !matches!(sent, Some(Ok(()))) {
+                return Err(std::io::Error::other("hashing thread failed"));
+            }
+        }
         self.left -= n as u64;
         Ok(n)
     }
@@ -1011,11 +1059,7 @@ fn send_delta(
         .open(&path)
         .ctx("open", &path)?;
     let block = block_size(basis_len);
-    let mut rd = HashingReader {
-        inner: std::io::BufReader::with_capacity(1 << 20, f),
-        h: blake3::Hasher::new(),
-        left: e.size,
-    };
+    let mut rd = HashingReader::new(std::io::BufReader::with_capacity(1 << 20, f), e.size);
     let mut err: Option<SyncError> = None;
     crate::delta::diff(&mut rd, block, basis_len, sums, CHUNK, |op| {
         let r = match op {
@@ -1042,7 +1086,11 @@ fn send_delta(
             source: er,
         })
     })?;
-    let h = *rd.h.finalize().as_bytes();
+    let h = rd.finish().map_err(|er| SyncError::Io {
+        op: "hash",
+        path: path.clone(),
+        source: er,
+    })?;
     peer.send(Frame::FileEnd(h))?;
     Ok(h)
 }

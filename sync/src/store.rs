@@ -103,7 +103,25 @@ pub struct Store {
     pruning: Mutex<()>,
     cache: Mutex<HashMap<String, Arc<Cached>>>,
     fault: Mutex<Option<(usize, bool)>>,
+    /// Block signatures of large files by (content hash, block size): the
+    /// standby's files change only through rounds, so a signature made once
+    /// serves every later delta against that content.
+    sigs: Mutex<HashMap<([u8; 32], u32), Signature>>,
+    /// Large files written by recent rounds whose signatures are to be made
+    /// after the round: (name, path, content hash, size).
+    sig_todo: Mutex<Vec<SigTodo>>,
 }
+
+/// A block signature: (weak, strong) per block.
+type Signature = Arc<Vec<(u32, u64)>>;
+/// A large file to make a signature of: (name, path, content hash, size).
+type SigTodo = (String, Vec<u8>, [u8; 32], u64);
+
+/// Files at least this large get their delta signature made after the
+/// round that wrote them (below, computing it on request is cheap enough).
+pub(crate) const SIG_CACHE_MIN: u64 = 32 << 20;
+/// Most cached signature entries (12 bytes each).
+const SIG_CACHE_MAX: usize = 4 << 20;
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -307,6 +325,132 @@ fn leaves_of(entries: &[Entry]) -> Vec<[u8; 32]> {
     entries.par_iter().map(|e| e.leaf()).collect()
 }
 
+/// Copy `count` blocks of the basis from block `start`; returns the bytes.
+fn copy_blocks(
+    inc: &mut Incoming,
+    bf: &mut std::fs::File,
+    blen: u64,
+    block: u32,
+    start: u32,
+    count: u32,
+) -> Result<u64> {
+    let nblocks = blen.div_ceil(block as u64);
+    let end = start as u64 + count as u64;
+    if end > nblocks {
+        return Err(SyncError::Protocol(format!(
+            "{:?}: delta copies block {end} of {nblocks}",
+            inc.entry.display_path()
+        )));
+    }
+    let off = start as u64 * block as u64;
+    let len = (end * block as u64).min(blen) - off;
+    if inc.written + len > inc.entry.size {
+        return Err(SyncError::Protocol(format!(
+            "{:?}: more data than its declared size",
+            inc.entry.display_path()
+        )));
+    }
+    bf.seek(SeekFrom::Start(off))
+        .ctx("seek", fsops::p(&inc.entry.path))?;
+    let mut buf = vec![0u8; (len as usize).min(4 << 20)];
+    let mut left = len;
+    while left > 0 {
+        let k = left.min(buf.len() as u64) as usize;
+        bf.read_exact(&mut buf[..k])
+            .ctx("read basis", fsops::p(&inc.entry.path))?;
+        inc.file
+            .write_all(&buf[..k])
+            .ctx("write", fsops::p(&inc.entry.path))?;
+        inc.hasher.update(&buf[..k]);
+        left -= k as u64;
+        inc.wrote(k as u64);
+    }
+    Ok(len)
+}
+
+/// The content hash of an incoming file: large files are hashed on a
+/// second thread while this one copies and writes.
+enum IncHasher {
+    Inline(Box<blake3::Hasher>),
+    Thread(
+        std::sync::mpsc::SyncSender<Vec<u8>>,
+        std::thread::JoinHandle<[u8; 32]>,
+    ),
+}
+
+impl IncHasher {
+    fn new(size: u64) -> IncHasher {
+        if size < 64 << 20 {
+            return IncHasher::Inline(Box::new(blake3::Hasher::new()));
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+        let h = std::thread::spawn(move || {
+            let mut h = blake3::Hasher::new();
+            for b in rx {
+                h.update(&b);
+            }
+            *h.finalize().as_bytes()
+        });
+        IncHasher::Thread(tx, h)
+    }
+
+    fn update(&mut self, d: &[u8]) {
+        match self {
+            IncHasher::Inline(h) => {
+                h.update(d);
+            }
+            // A failed thread shows as a hash mismatch at the end.
+            IncHasher::Thread(tx, _) => {
+                let _ = tx.send(d.to_vec());
+            }
+        }
+    }
+
+    fn finalize(self) -> Result<[u8; 32]> {
+        match self {
+            IncHasher::Inline(h) => Ok(*h.finalize().as_bytes()),
+            IncHasher::Thread(tx, h) => {
+                drop(tx);
+                h.join()
+                    .map_err(|_| SyncError::Protocol("hashing thread failed".into()))
+            }
+        }
+    }
+}
+
+impl Incoming {
+    /// Count written bytes; for large files, start the writeback of each
+    /// finished 128 MiB, so the fsync at the end has less left to flush.
+    fn wrote(&mut self, n: u64) {
+        const STEP: u64 = 128 << 20;
+        let before = self.written / STEP;
+        self.written += n;
+        if self.entry.size >= 2 * STEP && self.written / STEP > before {
+            let end = self.written / STEP * STEP;
+            let _ = rustix::fs::fadvise(
+                &self.file,
+                end - STEP,
+                std::num::NonZeroU64::new(STEP),
+                rustix::fs::Advice::DontNeed,
+            );
+        }
+    }
+}
+
+/// A reader that also hashes what it reads.
+struct HashTee<'a, R> {
+    inner: R,
+    h: &'a mut blake3::Hasher,
+}
+
+impl<R: std::io::Read> std::io::Read for HashTee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.h.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
 /// Tree-order key for ordered maps.
 #[derive(PartialEq, Eq)]
 struct Key(Vec<u8>);
@@ -402,6 +546,76 @@ fn read_at(tree: &OwnedFd, name: &str) -> Result<Option<Vec<u8>>> {
 }
 
 impl Store {
+    /// A cached block signature of content `hash`.
+    pub(crate) fn cached_signature(&self, hash: &[u8; 32], block: u32) -> Option<Signature> {
+        self.sigs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(*hash, block))
+            .cloned()
+    }
+
+    /// Remember the block signature of content `hash`.
+    pub(crate) fn remember_signature(
+        &self,
+        hash: [u8; 32],
+        block: u32,
+        sums: Arc<Vec<(u32, u64)>>,
+    ) {
+        let mut g = self.sigs.lock().unwrap_or_else(|p| p.into_inner());
+        let held: usize = g.values().map(|v| v.len()).sum();
+        if held + sums.len() > SIG_CACHE_MAX {
+            g.clear();
+        }
+        if sums.len() <= SIG_CACHE_MAX {
+            g.insert((hash, block), sums);
+        }
+    }
+
+    pub(crate) fn want_signature(&self, name: &str, path: &[u8], hash: [u8; 32], size: u64) {
+        self.sig_todo
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((name.to_string(), path.to_vec(), hash, size));
+    }
+
+    /// Make the signatures of the large files recent rounds wrote (run
+    /// after a round, off its critical path). A file replaced meanwhile is
+    /// recognised by its whole-file hash and skipped.
+    pub(crate) fn fill_signatures(&self) {
+        let todo = std::mem::take(&mut *self.sig_todo.lock().unwrap_or_else(|p| p.into_inner()));
+        for (name, path, hash, size) in todo {
+            let block = crate::delta::block_size(size);
+            if self.cached_signature(&hash, block).is_some() {
+                continue;
+            }
+            let p = self
+                .dir
+                .join(".vsha")
+                .join(&name)
+                .join("live")
+                .join(std::ffi::OsStr::from_bytes(&path));
+            use std::os::unix::fs::OpenOptionsExt;
+            let Ok(f) = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(OFlags::NOFOLLOW.bits() as i32)
+                .open(&p)
+            else {
+                continue;
+            };
+            let mut h = blake3::Hasher::new();
+            let rd = HashTee {
+                inner: std::io::BufReader::with_capacity(1 << 20, f),
+                h: &mut h,
+            };
+            match crate::delta::signature(rd, block) {
+                Ok(sums) if *h.finalize().as_bytes() == hash => {
+                    self.remember_signature(hash, block, Arc::new(sums));
+                }
+                _ => {}
+            }
+        }
+    }
     /// Open (creating if needed) a destination directory, keeping `keep`
     /// versions per tree. Rounds interrupted by a crash are rolled back here.
     pub fn open(dir: &Path, keep: usize) -> Result<Store> {
@@ -425,6 +639,8 @@ impl Store {
             pruning: Mutex::new(()),
             cache: Mutex::new(HashMap::new()),
             fault: Mutex::new(None),
+            sigs: Mutex::new(HashMap::new()),
+            sig_todo: Mutex::new(Vec::new()),
         };
         let m = dir.join(".vsha");
         for e in std::fs::read_dir(&m).ctx("readdir", &m)? {
@@ -1286,7 +1502,7 @@ impl Workers {
 pub(crate) struct Incoming {
     entry: Entry,
     file: std::fs::File,
-    hasher: blake3::Hasher,
+    hasher: IncHasher,
     written: u64,
     basis: Option<(std::fs::File, u64, u32)>,
     stage: Option<u64>,
@@ -1550,9 +1766,9 @@ impl<'a> Applier<'a> {
                     let (dir, name, stage) = self.target(&e.path)?;
                     let f = fsops::create_file(dir.as_fd(), &name, &e.path)?;
                     Ok(Some(Incoming {
+                        hasher: IncHasher::new(e.size),
                         entry: e,
                         file: f,
-                        hasher: blake3::Hasher::new(),
                         written: 0,
                         basis: None,
                         stage,
@@ -1575,9 +1791,9 @@ impl<'a> Applier<'a> {
                     let (dir, name, stage) = self.target(&e.path)?;
                     let f = fsops::create_file(dir.as_fd(), &name, &e.path)?;
                     Ok(Some(Incoming {
+                        hasher: IncHasher::new(e.size),
                         entry: e,
                         file: f,
-                        hasher: blake3::Hasher::new(),
                         written: 0,
                         basis: Some((bf, be.size, crate::delta::block_size(be.size))),
                         stage,
@@ -1692,7 +1908,7 @@ impl<'a> Applier<'a> {
             .write_all(d)
             .ctx("write", fsops::p(&inc.entry.path))?;
         inc.hasher.update(d);
-        inc.written += d.len() as u64;
+        inc.wrote(d.len() as u64);
         self.stats.literal_bytes += d.len() as u64;
         Ok(())
     }
@@ -1725,41 +1941,12 @@ impl<'a> Applier<'a> {
 
     /// Delta: copy blocks of the basis.
     pub(crate) fn copy(&mut self, inc: &mut Incoming, start: u32, count: u32) -> Result<()> {
-        let Some((bf, blen, block)) = inc.basis.as_mut() else {
+        let Some((mut bf, blen, block)) = inc.basis.take() else {
             return Err(SyncError::Protocol("Copy outside a delta".into()));
         };
-        let nblocks = blen.div_ceil(*block as u64);
-        let end = start as u64 + count as u64;
-        if end > nblocks {
-            return Err(SyncError::Protocol(format!(
-                "{:?}: delta copies block {end} of {nblocks}",
-                inc.entry.display_path()
-            )));
-        }
-        let off = start as u64 * *block as u64;
-        let len = (end * *block as u64).min(*blen) - off;
-        if inc.written + len > inc.entry.size {
-            return Err(SyncError::Protocol(format!(
-                "{:?}: more data than its declared size",
-                inc.entry.display_path()
-            )));
-        }
-        bf.seek(SeekFrom::Start(off))
-            .ctx("seek", fsops::p(&inc.entry.path))?;
-        let mut buf = vec![0u8; (len as usize).min(4 << 20)];
-        let mut left = len;
-        while left > 0 {
-            let k = left.min(buf.len() as u64) as usize;
-            bf.read_exact(&mut buf[..k])
-                .ctx("read basis", fsops::p(&inc.entry.path))?;
-            inc.file
-                .write_all(&buf[..k])
-                .ctx("write", fsops::p(&inc.entry.path))?;
-            inc.hasher.update(&buf[..k]);
-            left -= k as u64;
-        }
-        inc.written += len;
-        self.stats.matched_bytes += len;
+        let r = copy_blocks(inc, &mut bf, blen, block, start, count);
+        inc.basis = Some((bf, blen, block));
+        self.stats.matched_bytes += r?;
         Ok(())
     }
 
@@ -1783,7 +1970,7 @@ impl<'a> Applier<'a> {
                 entry.size
             )));
         }
-        if *hasher.finalize().as_bytes() != entry.hash {
+        if hasher.finalize()? != entry.hash {
             return Err(SyncError::HashMismatch {
                 path: entry.display_path(),
             });
@@ -1791,10 +1978,22 @@ impl<'a> Applier<'a> {
         file.set_len(entry.size)
             .ctx("truncate", fsops::p(&entry.path))?;
         fsops::apply_meta_fd(file.as_fd(), &entry, true)?;
+        let t = std::time::Instant::now();
         if stage.is_some() {
             file.sync_all().ctx("fsync", fsops::p(&entry.path))?;
         } else {
             fsops::start_writeback(file.as_fd());
+        }
+        if entry.size >= SIG_CACHE_MIN {
+            self.store
+                .want_signature(&self.name, &entry.path, entry.hash, entry.size);
+        }
+        if entry.size >= 64 << 20 {
+            tracing::debug!(
+                bytes = entry.size,
+                fsync_ms = t.elapsed().as_millis() as u64,
+                "large file written"
+            );
         }
         self.push(entry, stage);
         Ok(())

@@ -115,6 +115,44 @@ async fn small_change_in_large_file_sends_a_delta() {
     );
 }
 
+/// A large file changed round after round: the receiver's signature of
+/// each version (made after the round that wrote it, or on request and
+/// cached by content) must describe exactly that version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_deltas_of_a_large_file_use_the_right_signature() {
+    init_tracing();
+    let t = tempfile::tempdir().unwrap();
+    let src = t.path().join("src");
+    let size = 40usize << 20;
+    let mut data: Vec<u8> = (0..size as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+        .collect();
+    write(&src.join("disk.img"), &data);
+    write(&src.join("copy.img"), &data);
+    let mut pair = Pair::new(&t.path().join("dst"));
+    pair.round(&src, "vm").await.unwrap();
+    for round in 0..4usize {
+        // Give the background signature a chance in some rounds only.
+        if round % 2 == 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+        }
+        let at = (round * 7 + 3) << 20;
+        for b in &mut data[at..at + (256 << 10)] {
+            *b = b.wrapping_add(round as u8 + 1);
+        }
+        if round == 2 {
+            data.splice(5000..5000, b"shifted".iter().copied());
+        }
+        write(&src.join("disk.img"), &data);
+        let s = pair.round(&src, "vm").await.unwrap();
+        assert_same(&src, &pair.current("vm"));
+        assert!(s.matched_bytes > (size as u64) * 9 / 10, "{s:?}");
+        assert!(s.literal_bytes < (2 << 20), "{s:?}");
+        let got = std::fs::read(pair.current("vm").join("disk.img")).unwrap();
+        assert_eq!(blake3::hash(&got), blake3::hash(&data));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarted_sender_needs_no_resend() {
     init_tracing();
