@@ -134,7 +134,7 @@ async fn repeated_deltas_of_a_large_file_use_the_right_signature() {
     for round in 0..4usize {
         // Give the background signature a chance in some rounds only.
         if round % 2 == 1 {
-            tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+            tokio::time::sleep(std::time::Duration::from_millis(4000)).await;
         }
         let at = (round * 7 + 3) << 20;
         for b in &mut data[at..at + (256 << 10)] {
