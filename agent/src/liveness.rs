@@ -8,10 +8,12 @@ use std::time::Instant;
 
 use crate::model::NodeId;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Heard {
     pub at: Instant,
     pub applied: u64,
+    /// The node's ipv4root mechanism, as it reports it.
+    pub ipv4root: String,
 }
 
 #[derive(Clone, Default)]
@@ -20,12 +22,13 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    pub fn record(&self, node: NodeId, applied: u64) {
+    pub fn record(&self, node: NodeId, applied: u64, ipv4root: &str) {
         self.heard.lock().unwrap_or_else(|e| e.into_inner()).insert(
             node,
             Heard {
                 at: Instant::now(),
                 applied,
+                ipv4root: ipv4root.to_string(),
             },
         );
     }
@@ -35,6 +38,6 @@ impl Liveness {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .get(&node)
-            .copied()
+            .cloned()
     }
 }

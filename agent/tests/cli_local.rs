@@ -94,6 +94,14 @@ fn local_vserver_lifecycle_through_the_cli() {
     let status: serde_json::Value =
         serde_json::from_str(&ok(&d, &["vserver", "status", &name, "--json"])).unwrap();
     assert_eq!(status["running"], true);
+    // Stock kernel: an IP is confined by cgroup-BPF (a patched kernel would
+    // say "kernel set_ipv4root"); without one there is nothing to confine.
+    let want = if status["ip"].is_null() {
+        "none"
+    } else {
+        "cgroup-bpf"
+    };
+    assert_eq!(status["ipv4root"], want, "{status}");
     // Inside: its own hostname, and only its own processes.
     let inside = ok(
         &d,

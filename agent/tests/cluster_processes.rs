@@ -300,13 +300,14 @@ fn three_agents_elect_survive_restart_and_change_membership() {
         assert!(n["addr"].as_str().unwrap().starts_with("127.0.0."));
     }
     assert!(status["term"].as_u64().unwrap() >= 1);
-    // The leader's liveness view comes to see every node.
+    // The leader's liveness view comes to see every node, with the way
+    // each confines vservers to their IP (stock kernels here: cgroup-BPF).
     wait_for("all nodes reachable", || {
         let s = json(&c.addr(leader), &["status", "--json"])?;
         s["nodes"]
             .as_array()?
             .iter()
-            .all(|n| n["reachable"] == true)
+            .all(|n| n["reachable"] == true && n["ipv4root"] == "cgroup-bpf")
             .then_some(())
     });
     vsha_ok(

@@ -313,6 +313,20 @@ pub fn set_ipv4root(cgroup_fd: RawFd, vip: Ipv4Addr, allow_ipv6: bool) -> Result
     Ok(())
 }
 
+/// Only the IPv6 refusals of [`set_ipv4root`]: the kernel patch's
+/// `set_ipv4root` covers IPv4 only, as the paper's did.
+pub fn deny_ipv6(cgroup_fd: RawFd) -> Result<()> {
+    for at in [
+        AttachType::Inet6Bind,
+        AttachType::Inet6Connect,
+        AttachType::Udp6Sendmsg,
+    ] {
+        let prog = load(&prog_deny(), at)?;
+        attach(cgroup_fd, &prog, at)?;
+    }
+    Ok(())
+}
+
 /// Whether the caller may load BPF programs (loads and drops a trivial
 /// `sock_addr` program). Used to check that a context cannot.
 pub fn can_load() -> Result<()> {

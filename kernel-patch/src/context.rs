@@ -64,6 +64,9 @@ pub struct ContextSpec {
     /// can be made from inside (user namespaces included).
     pub lock: bool,
     pub stdio: Stdio,
+    /// On a patched kernel: `set_ipv4root(ip)` with this syscall number in
+    /// the child before exec (inherited by everything it starts).
+    pub ipv4root_call: Option<(i64, std::net::Ipv4Addr)>,
 }
 
 /// A process created in a context.
@@ -161,6 +164,7 @@ struct Prepared {
     setsid: bool,
     lock: bool,
     stdio: [RawFd; 3],
+    ipv4root_call: Option<(i64, std::net::Ipv4Addr)>,
 }
 
 const STD_PATH: &[&str] = &[
@@ -289,6 +293,7 @@ const STEPS: &[&str] = &[
     "fork inside the context",         // 22
     "chdir /",                         // 23
     "seccomp lock filter",             // 24
+    "set_ipv4root",                    // 25
 ];
 
 /// Classic-BPF `struct sock_filter`.
@@ -362,6 +367,13 @@ fn sys_mount(
 
 /// The common tail of every context child: capabilities, uid, NNP, exec.
 fn child_exec(p: &Prepared, err: RawFd) -> ! {
+    if let Some((nr, ip)) = p.ipv4root_call {
+        if let Err(e) = crate::patched::call_set_ipv4root(nr, Some(ip)) {
+            write_err(err, 25, e.raw_os_error().unwrap_or(libc::EINVAL));
+            // SAFETY: _exit never returns.
+            unsafe { libc::_exit(127) }
+        }
+    }
     if let Some(n) = p.nice {
         // SAFETY: setpriority with integer arguments.
         tryc!(err, 16, unsafe {
@@ -507,6 +519,7 @@ impl Prepared {
             setsid: spec.setsid,
             lock: spec.lock,
             stdio,
+            ipv4root_call: spec.ipv4root_call,
         })
     }
 }
@@ -782,6 +795,9 @@ pub struct ExecSpec {
     pub caps: CapMask,
     pub user: Option<(u32, u32)>,
     pub stdio: Stdio,
+    /// On a patched kernel the context's address is per process, not per
+    /// cgroup: a process that joins later pins itself too.
+    pub ipv4root_call: Option<(i64, std::net::Ipv4Addr)>,
 }
 
 /// Runs a command inside the context whose init is `init_pid`: a helper
@@ -810,6 +826,7 @@ pub fn enter(init_pid: i32, cg: &ContextCgroup, spec: &ExecSpec) -> Result<Spawn
         env: spec.env.clone(),
         user: spec.user,
         lock: spec.lock,
+        ipv4root_call: spec.ipv4root_call,
         ..Default::default()
     };
     let prep = Prepared::new(&cspec, stdio.fds)?;

@@ -15,6 +15,8 @@
 //! * [`config`]: the TOML vserver spec and the legacy `.conf` import.
 //! * [`hooks`]: the per-vserver `NAME.sh` hook script.
 //! * [`netmode`]: the `shared` and `netns` network modes behind one trait.
+//! * [`patched`]: detects the vserver kernel patch (kernel-patch/linux/) and
+//!   its `set_ipv4root` call, used instead of cgroup-BPF when present.
 //! * [`syscall`]: the mockable kernel boundary ([`syscall::Syscall`]).
 //! * [`local`]: one function per local CLI verb (`vsha vserver start` …).
 //!
@@ -31,6 +33,7 @@ pub mod hooks;
 pub mod local;
 pub mod net;
 pub mod netmode;
+pub mod patched;
 pub mod proc;
 mod sys;
 pub mod syscall;

@@ -150,6 +150,8 @@ pub fn context_spec(spec: &VserverSpec, paths: &Paths) -> Result<ContextSpec> {
         setsid: true,
         lock: spec.has_flag(Flag::Lock),
         stdio: Stdio::Log(paths.log_file(&spec.name)),
+        // Set from the network mode's setup, just before the spawn.
+        ipv4root_call: None,
     })
 }
 
@@ -202,6 +204,8 @@ pub fn start_with(sys: &dyn Syscall, paths: &Paths, spec: &VserverSpec) -> Resul
             return Err(e);
         }
     };
+    let mut cspec = cspec;
+    cspec.ipv4root_call = net.ipv4root_call;
     let spawned = match sys.spawn_context(&cspec, &cg) {
         Ok(s) => s,
         Err(e) => {
@@ -265,6 +269,7 @@ pub fn stop_with(
             caps: capabilities::resolve(true, &spec.caps)?,
             stdio: Stdio::Log(paths.log_file(&spec.name)),
             lock: spec.has_flag(Flag::Lock),
+            ipv4root_call: netmode::joiner_ipv4root(sys, spec),
             ..Default::default()
         };
         match sys.exec_in(st.init_pid, &st.cgroup, &es) {
@@ -456,6 +461,7 @@ pub fn exec_spec(
         env.push(format!("TERM={t}"));
     }
     env.extend(opts.env.iter().cloned());
+    let sys = linux()?;
     let es = ExecSpec {
         command: cmd.to_vec(),
         env,
@@ -463,8 +469,9 @@ pub fn exec_spec(
         user: opts.user,
         stdio: opts.stdio.clone(),
         lock: spec.has_flag(Flag::Lock),
+        ipv4root_call: netmode::joiner_ipv4root(&sys, spec),
     };
-    linux()?.exec_in(st.init_pid, &st.cgroup, &es)
+    sys.exec_in(st.init_pid, &st.cgroup, &es)
 }
 
 /// `vsha vserver enter NAME`: a login shell in the vserver.
@@ -496,6 +503,9 @@ pub struct VserverStatus {
     pub dev: Option<String>,
     pub tree: PathBuf,
     pub network: crate::config::NetworkModeKind,
+    /// What confines it to its IP on this host: "cgroup-bpf", "kernel
+    /// set_ipv4root (syscall N)", "netns" or "none".
+    pub ipv4root: String,
 }
 
 /// `vsha vserver status NAME`: process count and uptime (as the paper's
@@ -520,7 +530,17 @@ pub fn status(paths: &Paths, name: &str) -> Result<VserverStatus> {
         dev: spec.dev.clone(),
         tree: spec.tree.clone(),
         network: spec.network,
+        ipv4root: ipv4root_in_force(&spec),
     })
+}
+
+/// The mechanism that confines `spec` to its address on this host.
+pub fn ipv4root_in_force(spec: &VserverSpec) -> String {
+    match (spec.network, spec.ipv4()) {
+        (_, None) => "none".into(),
+        (crate::config::NetworkModeKind::Netns, _) => "netns".into(),
+        (crate::config::NetworkModeKind::Shared, _) => crate::patched::probe().to_string(),
+    }
 }
 
 /// One row of `vsha vserver list` (like vserver-stat).
@@ -680,9 +700,10 @@ pub fn ctx_exec(opts: &CtxExecOptions) -> Result<i32> {
     }
     let cg = sys.create_cgroup(&parent, &name, &limits)?;
     let run = || -> Result<i32> {
-        if let Some(ip) = opts.ip {
-            sys.set_ipv4root(&cg, ip, false)?;
-        }
+        let ipv4root_call = match opts.ip {
+            Some(ip) => netmode::apply_ipv4root(&sys, &cg, ip, false)?,
+            None => None,
+        };
         let spec = ContextSpec {
             name: name.clone(),
             root: opts.root.clone(),
@@ -697,6 +718,7 @@ pub fn ctx_exec(opts: &CtxExecOptions) -> Result<i32> {
             setsid: false,
             lock: opts.flags.contains(&Flag::Lock),
             stdio: opts.stdio.clone(),
+            ipv4root_call,
         };
         let child = sys.spawn_context(&spec, &cg)?;
         child.wait()

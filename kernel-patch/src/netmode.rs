@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cgroup::ContextCgroup;
 use crate::config::{NetworkModeKind, VserverSpec};
+use crate::patched::Ipv4rootMechanism;
 use crate::syscall::Syscall;
 use crate::Result;
 
@@ -30,6 +31,46 @@ pub struct NetState {
     /// netns mode: the host end of the routed veth.
     #[serde(default)]
     pub link: Option<String>,
+    /// On a patched kernel: the context's first process pins itself with
+    /// `set_ipv4root` (syscall number, address) before it execs.
+    #[serde(skip)]
+    pub ipv4root_call: Option<(i64, Ipv4Addr)>,
+}
+
+/// For a process that joins a running context (exec, stop command): the
+/// `set_ipv4root` it must make itself on a patched kernel (with cgroup-BPF
+/// the cgroup already confines it).
+pub fn joiner_ipv4root(sys: &dyn Syscall, spec: &VserverSpec) -> Option<(i64, Ipv4Addr)> {
+    match (spec.network, sys.ipv4root_mechanism(), spec.ipv4()) {
+        (NetworkModeKind::Shared, Ipv4rootMechanism::KernelCall { nr }, Some((ip, _))) => {
+            Some((nr, ip))
+        }
+        _ => None,
+    }
+}
+
+/// Pins a context to `ip` before its first process runs: with the kernel's
+/// `set_ipv4root` when the host has the patch (the returned call is for the
+/// child to make; IPv6 is still refused by cgroup-BPF unless allowed),
+/// otherwise with cgroup-BPF.
+pub fn apply_ipv4root(
+    sys: &dyn Syscall,
+    cg: &ContextCgroup,
+    ip: Ipv4Addr,
+    allow_ipv6: bool,
+) -> Result<Option<(i64, Ipv4Addr)>> {
+    match sys.ipv4root_mechanism() {
+        Ipv4rootMechanism::KernelCall { nr } => {
+            if !allow_ipv6 {
+                sys.deny_ipv6(cg)?;
+            }
+            Ok(Some((nr, ip)))
+        }
+        Ipv4rootMechanism::CgroupBpf => {
+            sys.set_ipv4root(cg, ip, allow_ipv6)?;
+            Ok(None)
+        }
+    }
 }
 
 /// One way of giving a vserver its network.
@@ -78,7 +119,7 @@ impl NetworkMode for SharedStack {
             return Ok(st);
         };
         // ipv4root before any process runs in the cgroup
-        sys.set_ipv4root(cg, ip, spec.allow_ipv6)?;
+        st.ipv4root_call = apply_ipv4root(sys, cg, ip, spec.allow_ipv6)?;
         if let Some(dev) = &spec.dev {
             refuse_if_taken(sys, dev, ip)?;
             sys.promote_secondaries(dev)?;
@@ -131,6 +172,7 @@ impl NetworkMode for NetNs {
         Ok(NetState {
             alias: None,
             link: spec.ipv4().map(|_| crate::net::host_veth_name(&spec.name)),
+            ipv4root_call: None,
         })
     }
     fn after_spawn(

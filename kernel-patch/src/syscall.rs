@@ -12,6 +12,7 @@ use crate::cgroup::{CgroupLayout, ContextCgroup, Limits};
 use crate::context::{ContextSpec, ExecSpec, Spawned};
 use crate::hooks::Phase;
 use crate::net::AddrChange;
+use crate::patched::Ipv4rootMechanism;
 use crate::{Error, Result};
 
 /// The kernel operations the vserver lifecycle uses.
@@ -22,6 +23,10 @@ pub trait Syscall: Send + Sync {
     fn locate_cgroup(&self, parent: &str, name: &str) -> Result<ContextCgroup>;
     /// Attaches the ipv4root programs to the context's cgroup.
     fn set_ipv4root(&self, cg: &ContextCgroup, ip: Ipv4Addr, allow_ipv6: bool) -> Result<()>;
+    /// How this host pins a context to its address (probed once).
+    fn ipv4root_mechanism(&self) -> Ipv4rootMechanism;
+    /// Attaches only the IPv6 refusals (with the kernel's set_ipv4root).
+    fn deny_ipv6(&self, cg: &ContextCgroup) -> Result<()>;
     fn add_address(
         &self,
         dev: &str,
@@ -96,6 +101,13 @@ impl Syscall for LinuxSyscall {
     fn set_ipv4root(&self, cg: &ContextCgroup, ip: Ipv4Addr, allow_ipv6: bool) -> Result<()> {
         let fd = cg.open_v2()?;
         crate::bpf::set_ipv4root(std::os::fd::AsRawFd::as_raw_fd(&fd), ip, allow_ipv6)
+    }
+    fn ipv4root_mechanism(&self) -> Ipv4rootMechanism {
+        crate::patched::probe()
+    }
+    fn deny_ipv6(&self, cg: &ContextCgroup) -> Result<()> {
+        let fd = cg.open_v2()?;
+        crate::bpf::deny_ipv6(std::os::fd::AsRawFd::as_raw_fd(&fd))
     }
     fn add_address(
         &self,
@@ -211,7 +223,10 @@ pub enum Call {
         command: Vec<String>,
         hostname: Option<String>,
         caps: u64,
+        /// The child pins itself with the kernel's set_ipv4root.
+        ipv4root_call: Option<(i64, Ipv4Addr)>,
     },
+    DenyIpv6,
     ExecIn {
         init_pid: i32,
         command: Vec<String>,
@@ -246,6 +261,8 @@ pub struct RecordingSyscall {
     pub calls: Mutex<Vec<Call>>,
     #[allow(clippy::type_complexity)]
     pub fail_on: Option<Box<dyn Fn(&Call) -> bool + Send + Sync>>,
+    /// What `ipv4root_mechanism` answers (a stock kernel by default).
+    pub mechanism: Ipv4rootMechanism,
 }
 
 impl RecordingSyscall {
@@ -297,6 +314,12 @@ impl Syscall for RecordingSyscall {
     fn set_ipv4root(&self, _cg: &ContextCgroup, ip: Ipv4Addr, allow_ipv6: bool) -> Result<()> {
         self.rec(Call::SetIpv4root { ip, allow_ipv6 })
     }
+    fn ipv4root_mechanism(&self) -> Ipv4rootMechanism {
+        self.mechanism
+    }
+    fn deny_ipv6(&self, _cg: &ContextCgroup) -> Result<()> {
+        self.rec(Call::DenyIpv6)
+    }
     fn add_address(
         &self,
         dev: &str,
@@ -340,6 +363,7 @@ impl Syscall for RecordingSyscall {
             command: spec.command.clone(),
             hostname: spec.hostname.clone(),
             caps: spec.caps.0,
+            ipv4root_call: spec.ipv4root_call,
         })?;
         // A pidfd of our own process stands in for the context init.
         // SAFETY: getpid has no preconditions.

@@ -202,3 +202,43 @@ fn netns_mode_wires_a_veth_after_the_spawn_and_skips_bpf() {
     stop_with(&sys2, &paths, &spec, &st).unwrap();
     assert!(sys2.calls().contains(&Call::DeleteLink { dev: host_if }));
 }
+
+/// On a kernel with the vserver patch, the context pins itself with the
+/// kernel's set_ipv4root (no IPv4 BPF programs); IPv6 stays refused by BPF.
+#[test]
+fn a_patched_kernel_pins_the_context_with_set_ipv4root_instead_of_bpf() {
+    let (_d, paths, spec) = setup();
+    let sys = RecordingSyscall {
+        mechanism: vsha_kernel::patched::Ipv4rootMechanism::KernelCall { nr: 600 },
+        ..Default::default()
+    };
+    start_with(&sys, &paths, &spec).unwrap();
+    let calls = sys.calls();
+    let vip = Ipv4Addr::new(10, 0, 0, 5);
+    assert!(
+        !calls.iter().any(|c| matches!(c, Call::SetIpv4root { .. })),
+        "no cgroup-BPF ipv4root on a patched kernel: {calls:?}"
+    );
+    let deny = calls.iter().position(|c| *c == Call::DenyIpv6);
+    let spawn = calls
+        .iter()
+        .position(|c| matches!(c, Call::SpawnContext { .. }));
+    assert!(deny.is_some() && deny < spawn, "{calls:?}");
+    assert!(
+        calls.iter().any(|c| matches!(c,
+            Call::SpawnContext { ipv4root_call: Some((600, ip)), .. } if *ip == vip)),
+        "the context's first process must call set_ipv4root({vip}): {calls:?}"
+    );
+
+    // And on a stock kernel the child makes no such call.
+    let (_d2, paths2, spec2) = setup();
+    let stock = RecordingSyscall::new();
+    start_with(&stock, &paths2, &spec2).unwrap();
+    assert!(stock.calls().iter().any(|c| matches!(
+        c,
+        Call::SpawnContext {
+            ipv4root_call: None,
+            ..
+        }
+    )));
+}

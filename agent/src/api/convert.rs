@@ -69,19 +69,29 @@ pub fn node_info(
     } else {
         "none"
     };
-    let (reachable, age_ms, applied) = if n.id == view.id {
+    let (reachable, age_ms, applied, ipv4root) = if n.id == view.id {
         // The answering node is alive by definition.
-        (true, 0, view.applied)
+        (
+            true,
+            0,
+            view.applied,
+            vsha_kernel::patched::probe().to_string(),
+        )
     } else if view.is_leader {
         match liveness.get(n.id) {
             Some(h) => {
                 let age = h.at.elapsed();
-                (age <= liveness_timeout, age.as_millis() as i64, h.applied)
+                (
+                    age <= liveness_timeout,
+                    age.as_millis() as i64,
+                    h.applied,
+                    h.ipv4root,
+                )
             }
-            None => (false, -1, 0),
+            None => (false, -1, 0, String::new()),
         }
     } else {
-        (false, -1, 0)
+        (false, -1, 0, String::new())
     };
     pb::NodeInfo {
         id: n.id,
@@ -94,6 +104,7 @@ pub fn node_info(
         last_heartbeat_ms: age_ms,
         applied_index: applied,
         is_leader: n.id == view.leader_id,
+        ipv4root,
     }
 }
 

@@ -171,7 +171,8 @@ impl LeaderRuntime {
             return resp;
         }
         self.raft.learn_address(hb.node_id, &hb.addr);
-        self.liveness.record(hb.node_id, hb.applied_index);
+        self.liveness
+            .record(hb.node_id, hb.applied_index, &hb.ipv4root);
         let wait = Duration::from_millis(self.settings.lease_ms / 2);
         if self.raft.read_barrier(wait).await.is_err() {
             return resp;

@@ -480,6 +480,7 @@ impl NodeRuntime {
                 events,
                 acked_term: acked.0,
                 acked_seq: acked.1,
+                ipv4root: vsha_kernel::patched::probe().to_string(),
             };
             let me = Arc::clone(&self);
             let leader_addr = self.raft.address_of(view.leader_id);

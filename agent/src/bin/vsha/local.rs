@@ -244,12 +244,16 @@ pub fn vserver(cmd: LocalVserverCmd, lp: &LocalPaths) -> anyhow::Result<i32> {
                         .map(|u| format!("{u}s"))
                         .unwrap_or_else(|| "-".into()),
                     s.ip.clone().unwrap_or_else(|| "-".into()),
+                    s.ipv4root.clone(),
                     s.tree.display().to_string(),
                 ]];
                 print!(
                     "{}",
                     table(
-                        &["NAME", "STATE", "CTX", "INIT", "PROCS", "UPTIME", "IP", "TREE"],
+                        &[
+                            "NAME", "STATE", "CTX", "INIT", "PROCS", "UPTIME", "IP", "IPV4ROOT",
+                            "TREE"
+                        ],
                         &rows
                     )
                 );

@@ -30,6 +30,9 @@ pub struct NodeJson {
     pub last_heartbeat_ms: Option<u64>,
     pub applied_index: u64,
     pub is_leader: bool,
+    /// "cgroup-bpf" or "kernel set_ipv4root (syscall N)"; null when the
+    /// answering agent does not know.
+    pub ipv4root: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -173,6 +176,7 @@ pub fn node_json(n: &pb::NodeInfo) -> NodeJson {
         last_heartbeat_ms: u64::try_from(n.last_heartbeat_ms).ok(),
         applied_index: n.applied_index,
         is_leader: n.is_leader,
+        ipv4root: (!n.ipv4root.is_empty()).then(|| n.ipv4root.clone()),
     }
 }
 
@@ -279,6 +283,7 @@ pub fn nodes_table(nodes: &[NodeJson], from_leader: bool) -> String {
                     .map(|ms| format!("{:.1}s", ms as f64 / 1000.0))
                     .unwrap_or_else(|| "-".into()),
                 n.applied_index.to_string(),
+                n.ipv4root.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
@@ -292,6 +297,7 @@ pub fn nodes_table(nodes: &[NodeJson], from_leader: bool) -> String {
             "REACHABLE",
             "HEARD",
             "APPLIED",
+            "IPV4ROOT",
         ],
         &rows,
     )
