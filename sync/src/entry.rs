@@ -95,6 +95,12 @@ pub struct Entry {
     pub blocks: u64,
     /// Local only: link count at scan time.
     pub nlink: u64,
+    /// Local only: status change time at scan time (0: unknown). Any change
+    /// of xattrs, owner, mode, links or content moves it, so an entry with
+    /// the same inode and ctime as before has the same xattrs and target.
+    pub ctime: i64,
+    /// Local only: nanoseconds of `ctime`.
+    pub ctime_nsec: u32,
 }
 
 impl Entry {
@@ -117,6 +123,8 @@ impl Entry {
             ino: 0,
             blocks: 0,
             nlink: 1,
+            ctime: 0,
+            ctime_nsec: 0,
         }
     }
 
@@ -337,9 +345,7 @@ pub fn tree_digest(entries: &[Entry]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(b"vsha-sync tree v1");
     h.update(&(entries.len() as u64).to_le_bytes());
-    for l in &leaves {
-        h.update(l);
-    }
+    h.update(leaves.as_flattened());
     *h.finalize().as_bytes()
 }
 

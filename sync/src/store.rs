@@ -315,9 +315,8 @@ pub(crate) fn digest_of(leaves: &[[u8; 32]]) -> [u8; 32] {
     let mut h = blake3::Hasher::new();
     h.update(b"vsha-sync tree v1");
     h.update(&(leaves.len() as u64).to_le_bytes());
-    for l in leaves {
-        h.update(l);
-    }
+    // One call over all leaves: blake3 then hashes many chunks at once.
+    h.update(leaves.as_flattened());
     *h.finalize().as_bytes()
 }
 
@@ -471,10 +470,28 @@ type Change2 = (Vec<u8>, Option<(Entry, [u8; 32])>);
 /// Merge sorted changes (path, new entry or deletion, leaf) into sorted
 /// entries and leaves, moving (not copying) the unchanged ones.
 fn merge(
-    old: Vec<Entry>,
-    old_leaves: Vec<[u8; 32]>,
+    mut old: Vec<Entry>,
+    mut old_leaves: Vec<[u8; 32]>,
     changes: Vec<Change2>,
 ) -> (Vec<Entry>, Vec<[u8; 32]>) {
+    // Only replacements of existing paths (touched or rewritten files):
+    // in place, the other entries stay where they are.
+    let at: Option<Vec<usize>> = changes
+        .iter()
+        .map(|(p, c)| {
+            c.as_ref()?;
+            old.binary_search_by(|e| key_cmp(&e.path, p)).ok()
+        })
+        .collect();
+    if let Some(at) = at {
+        for (i, (_, c)) in at.into_iter().zip(changes) {
+            if let Some((ne, nl)) = c {
+                old[i] = ne;
+                old_leaves[i] = nl;
+            }
+        }
+        return (old, old_leaves);
+    }
     let mut out = Vec::with_capacity(old.len() + changes.len());
     let mut lv = Vec::with_capacity(old.len() + changes.len());
     let mut ci = changes.into_iter().peekable();
