@@ -322,8 +322,16 @@ impl<'a> Reader<'a> {
 /// Sort key: paths compare component by component ('/' sorts before any byte),
 /// so a directory always comes right before its contents.
 pub fn key_cmp(a: &[u8], b: &[u8]) -> std::cmp::Ordering {
+    // Paths compared during searches and merges mostly share a long prefix
+    // (the same directory): skip equal bytes 16 at a time (equal raw bytes
+    // are equal keys), then compare the rest with the mapping.
+    let n = a.len().min(b.len());
+    let mut i = 0;
+    while i + 16 <= n && a[i..i + 16] == b[i..i + 16] {
+        i += 16;
+    }
     let map = |c: &u8| if *c == b'/' { 0u8 } else { *c };
-    a.iter().map(map).cmp(b.iter().map(map))
+    a[i..].iter().map(map).cmp(b[i..].iter().map(map))
 }
 
 /// Sort entries into tree order.
@@ -415,6 +423,28 @@ mod tests {
                 b"a.b".to_vec()
             ]
         );
+    }
+
+    #[test]
+    fn key_cmp_is_the_mapped_order() {
+        let slow = |a: &[u8], b: &[u8]| {
+            let map = |c: &u8| if *c == b'/' { 0u8 } else { *c };
+            a.iter().map(map).cmp(b.iter().map(map))
+        };
+        let parts: [&[u8]; 6] = [b"a", b"a/b", b"a.b", b"dir/with/a/long/prefix", b"/", b"\0"];
+        let mut paths: Vec<Vec<u8>> = Vec::new();
+        for x in parts {
+            for y in parts {
+                for z in [&b""[..], b"/x", b"-y", b"0123456789abcdef0123"] {
+                    paths.push([x, y, z].concat());
+                }
+            }
+        }
+        for a in &paths {
+            for b in &paths {
+                assert_eq!(key_cmp(a, b), slow(a, b), "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]

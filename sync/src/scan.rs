@@ -695,7 +695,12 @@ pub(crate) fn rescan_changes(
                 let mut i = r.start;
                 while i < r.end {
                     let c = &es[i];
-                    let sub = subtree(es, &c.path);
+                    // Most children are files: nothing below them.
+                    let sub = if es.get(i + 1).is_some_and(|n| under(&n.path, &c.path)) {
+                        subtree(es, &c.path)
+                    } else {
+                        i + 1..i + 1
+                    };
                     gone.push(i..i + 1);
                     let keeps = c.kind == Kind::Dir
                         && fresh.get(&c.path[..]).is_some_and(|k| k.kind == Kind::Dir);
