@@ -333,6 +333,26 @@ impl Ours {
     }
 }
 
+impl Ours {
+    /// A round that scans in full although the state holds a journal (a
+    /// state's journal is used whenever present; until 2026-11-29 evening
+    /// the "no journal" rows were journal rounds). The journal keeps
+    /// recording meanwhile and is put back for the later rounds.
+    fn no_journal_round(
+        &self,
+        src: &Path,
+        name: &str,
+        opts: &PushOptions,
+        mut state: SenderState,
+    ) -> (f64, RoundStats, SenderState) {
+        let j = state.journal.take();
+        let (secs, st, mut state) = self.round(src, name, opts, state);
+        assert!(st.full_scan, "a round without a journal scans in full");
+        state.journal = j;
+        (secs, st, state)
+    }
+}
+
 impl Drop for Ours {
     fn drop(&mut self) {
         if let Some(s) = self.stop.take() {
@@ -473,7 +493,7 @@ fn main() {
         if cold {
             drop_caches();
         }
-        let (os, st, s2) = ours.round(&src, "main", &nopts, state);
+        let (os, st, s2) = ours.no_journal_round(&src, "main", &nopts, state);
         state = s2;
         line(
             &format!("(b) no change {temp}, no journal"),
@@ -542,7 +562,7 @@ fn main() {
         );
         let n2 = mutate(&src, 0.001, 8);
         let (rs2, _) = rsync(&daemon, &src, "main", &[]);
-        let (os2, st2, s3) = ours.round(&src, "main", &nopts, state);
+        let (os2, st2, s3) = ours.no_journal_round(&src, "main", &nopts, state);
         state = s3;
         line(
             &format!("(c) 0.1% changed ({n2} ops) warm"),
