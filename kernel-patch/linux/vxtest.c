@@ -384,11 +384,27 @@ static int setup_servers(void)
 	return 0;
 }
 
-int main(void)
+/* `vxtest listen`: listen() on a never-bound IPv4 socket and print the
+ * local address it got (run under `vsha ctx exec --ip` by the test). */
+static int listen_unbound(void)
+{
+	char buf[32];
+	int fd = socket(AF_INET, SOCK_STREAM, 0);
+	if (fd < 0 || listen(fd, 1)) {
+		printf("listen failed: %s\n", strerror(errno));
+		return 1;
+	}
+	printf("listening on %s\n", local_ip(fd, buf));
+	return 0;
+}
+
+int main(int argc, char **argv)
 {
 	char v[64], hn[64];
 	int failed = 0;
 
+	if (argc > 1 && !strcmp(argv[1], "listen"))
+		return listen_unbound();
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	printf("vxtest start\n");
 	status_field(0, "__NR_set_ipv4root", v, sizeof v);
