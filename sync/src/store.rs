@@ -596,6 +596,30 @@ impl Store {
             .push((name.to_string(), path.to_vec(), hash, size));
     }
 
+    /// Open a regular file of NAME's live tree for reading without following
+    /// any symlink and without blocking on a FIFO (a later round may have
+    /// replaced anything on the way).
+    fn open_live_file(&self, name: &str, path: &[u8]) -> Option<std::fs::File> {
+        let live = rustix::fs::open(
+            self.dir.join(".vsha").join(name).join("live"),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let (parent, file) = split_parent(path);
+        let dir = undo::open_rel(live.as_fd(), parent).ok()?;
+        let fd = rustix::fs::openat(
+            &dir,
+            OsStr::from_bytes(file),
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let st = rustix::fs::fstat(&fd).ok()?;
+        (rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::RegularFile)
+            .then(|| std::fs::File::from(fd))
+    }
+
     /// Make the signatures of the large files recent rounds wrote (run
     /// after a round, off its critical path). A file replaced meanwhile is
     /// recognised by its whole-file hash and skipped.
@@ -606,23 +630,12 @@ impl Store {
             if self.cached_signature(&hash, block).is_some() {
                 continue;
             }
-            let p = self
-                .dir
-                .join(".vsha")
-                .join(&name)
-                .join("live")
-                .join(std::ffi::OsStr::from_bytes(&path));
-            use std::os::unix::fs::OpenOptionsExt;
-            let Ok(f) = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(OFlags::NOFOLLOW.bits() as i32)
-                .open(&p)
-            else {
+            let Some(f) = self.open_live_file(&name, &path) else {
                 continue;
             };
             let mut h = blake3::Hasher::new();
             let rd = HashTee {
-                inner: std::io::BufReader::with_capacity(1 << 20, f),
+                inner: std::io::BufReader::with_capacity(1 << 20, f.take(size)),
                 h: &mut h,
             };
             match crate::delta::signature(rd, block) {
