@@ -429,8 +429,11 @@ pub struct Controller {
     started: BTreeMap<(String, u64), u64>,
     /// (vserver, generation) whose sync streams were requested.
     synced: BTreeSet<(String, u64)>,
-    /// (vserver, generation, restart count) already answered with a Restart.
-    restarted: BTreeSet<(String, u64, u32)>,
+    /// (vserver, generation, restart count) → the step a Restart was sent
+    /// at: one Restart per failure, unless the vserver ran again since.
+    restarted: BTreeMap<(String, u64, u32), u64>,
+    /// (vserver, generation) → the step the holder last reported it running.
+    running_seen: BTreeMap<(String, u64), u64>,
     /// (vserver, node, generation) already told to stop as a stray copy.
     stray_stopped: BTreeSet<(String, NodeId, u64)>,
     /// (vserver, generation) a move away from was proposed: until the
@@ -455,7 +458,8 @@ impl Controller {
             migrations: BTreeMap::new(),
             started: BTreeMap::new(),
             synced: BTreeSet::new(),
-            restarted: BTreeSet::new(),
+            restarted: BTreeMap::new(),
+            running_seen: BTreeMap::new(),
             stray_stopped: BTreeSet::new(),
             fenced: BTreeSet::new(),
             alerted: BTreeSet::new(),
@@ -551,6 +555,7 @@ impl Controller {
         self.started.clear();
         self.synced.clear();
         self.restarted.clear();
+        self.running_seen.clear();
         self.stray_stopped.clear();
         self.fenced.clear();
         self.alerted.clear();
@@ -1227,12 +1232,24 @@ impl Controller {
             }
             return;
         }
-        let report = self
-            .latest_report(name, holder, generation)
-            .map(|r| r.report.clone());
+        let seen = self.latest_report(name, holder, generation);
+        let report_seq = seen.map(|r| r.seq);
+        let report = seen.map(|r| r.report.clone());
         match report.as_ref().map(|r| (&r.state, r.restarts)) {
             Some((Observed::Failed { .. }, n)) if n < self.cfg.max_restarts => {
-                if self.restarted.insert((name.to_string(), generation, n)) {
+                // Again at the same count only if it ran since the last
+                // Restart: a restart the node could not finish (its lease
+                // lapsed meanwhile) is not counted, and the vserver may
+                // have come back by a plain Start and failed again.
+                let key = (name.to_string(), generation, n);
+                let ran_since = |sent: u64| {
+                    self.running_seen
+                        .get(&(name.to_string(), generation))
+                        .is_some_and(|&r| r > sent)
+                };
+                let due = self.restarted.get(&key).is_none_or(|&sent| ran_since(sent));
+                if due {
+                    self.restarted.insert(key, self.seq);
                     self.commands.push(Cmd::Restart {
                         vserver: name.to_string(),
                         node: holder,
@@ -1240,12 +1257,17 @@ impl Controller {
                     });
                 }
             }
-            Some((Observed::Running, _)) | Some((Observed::Failed { .. }, _)) => {}
+            Some((Observed::Running, _)) => {
+                if let Some(seq) = report_seq {
+                    self.running_seen
+                        .insert((name.to_string(), generation), seq);
+                }
+            }
+            Some((Observed::Failed { .. }, _)) => {}
             Some((Observed::Stopped, _)) | None => {
                 // Start once; again only if the holder reports it stopped
                 // after the last Start (an agent restart, a self-fence).
                 let key = (name.to_string(), generation);
-                let report_seq = self.latest_report(name, holder, generation).map(|r| r.seq);
                 let due = match (self.started.get(&key), report_seq) {
                     (None, _) => true,
                     (Some(&sent), Some(seen)) => seen > sent,

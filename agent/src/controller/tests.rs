@@ -413,6 +413,46 @@ fn holder_gets_start_and_standby_gets_stream_once_per_generation() {
     assert!(tick(&mut c, &s, 10).is_empty());
 }
 
+/// A Restart the node could not finish (its lease lapsed during the stop,
+/// so the count did not rise) and a plain Start that brought the vserver
+/// back: its next failure at the same count is restarted again, not left.
+#[test]
+fn a_failure_after_an_unfinished_restart_is_restarted_again() {
+    let mut s = cluster(Failback::Never);
+    place(&mut s, "web", 1, 3);
+    let mut c = leader(&s, 0);
+    renew(&mut c, &s, 1000, &[1, 2]);
+    c.step(&s, Now::at(1000), report("web", 1, 3, Observed::Running, 0));
+    c.take_commands();
+    let failed = || {
+        report(
+            "web",
+            1,
+            3,
+            Observed::Failed {
+                reason: "health".into(),
+            },
+            0,
+        )
+    };
+    let restart = Cmd::Restart {
+        vserver: "web".into(),
+        node: 1,
+        generation: 3,
+    };
+    c.step(&s, Now::at(1100), failed());
+    assert_eq!(c.take_commands(), vec![restart.clone()]);
+    // Still failed, no run in between: no second Restart.
+    c.step(&s, Now::at(1150), failed());
+    assert!(c.take_commands().is_empty());
+    // It runs again, same count (the restart was not counted)...
+    c.step(&s, Now::at(1200), report("web", 1, 3, Observed::Running, 0));
+    c.take_commands();
+    // ...and fails again: restarted.
+    c.step(&s, Now::at(1300), failed());
+    assert_eq!(c.take_commands(), vec![restart]);
+}
+
 #[test]
 fn health_restarts_in_place_then_moves() {
     let mut s = cluster(Failback::Never);
