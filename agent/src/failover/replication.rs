@@ -111,11 +111,16 @@ impl Replication {
     pub async fn run(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A final delta asked for while a round to the same standby is still
+        // running waits for it (that round may have missed the last writes)
+        // instead of being dropped: a dropped one stalled migrations until
+        // the leader gave up on them.
+        let mut final_syncs: Vec<(String, u64, NodeId)> = Vec::new();
         loop {
             ticker.tick().await;
-            for (name, generation, to) in self.node.take_final_syncs() {
-                self.spawn_round(name, generation, to);
-            }
+            final_syncs.extend(self.node.take_final_syncs());
+            final_syncs
+                .retain(|(name, generation, to)| !self.spawn_round(name.clone(), *generation, *to));
             for (name, generation) in self.node.running_here() {
                 let standbys = self.raft.read_state(|s| {
                     let Some(vs) = s.vservers.get(&name) else {
@@ -144,7 +149,8 @@ impl Replication {
         }
     }
 
-    fn spawn_round(self: &Arc<Self>, name: String, generation: u64, to: NodeId) {
+    /// Starts a round unless one to the same standby runs; true if started.
+    fn spawn_round(self: &Arc<Self>, name: String, generation: u64, to: NodeId) -> bool {
         let key = (name.clone(), to);
         if !self
             .in_flight
@@ -152,7 +158,7 @@ impl Replication {
             .unwrap_or_else(|e| e.into_inner())
             .insert(key.clone())
         {
-            return;
+            return false;
         }
         let me = Arc::clone(self);
         tokio::spawn(async move {
@@ -164,6 +170,7 @@ impl Replication {
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&key);
         });
+        true
     }
 
     async fn round(&self, name: &str, generation: u64, to: NodeId) -> Result<(), String> {
