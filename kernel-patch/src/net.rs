@@ -506,32 +506,9 @@ pub fn arp_probe(dev: &str, ip: Ipv4Addr, probes: u32, wait: Duration) -> Result
             .saturating_duration_since(Instant::now())
             .as_millis()
             .clamp(1, 1000) as i32;
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
+        let Some(f) = recv_arp(&fd, &mut buf, ms) else {
+            continue;
         };
-        // SAFETY: polls one valid pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r <= 0 {
-            continue;
-        }
-        // SAFETY: receives into a stack buffer.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 42 {
-            continue;
-        }
-        let f = &buf[..n as usize];
-        if f[12..14] != ETH_P_ARP.to_be_bytes() {
-            continue;
-        }
         let sha: [u8; 6] = f[22..28].try_into().unwrap_or([0; 6]);
         let spa = Ipv4Addr::new(f[28], f[29], f[30], f[31]);
         let tpa = Ipv4Addr::new(f[38], f[39], f[40], f[41]);
@@ -595,32 +572,12 @@ pub fn arp_who_has(
         if left.is_zero() {
             return Ok(out);
         }
-        let mut pfd = libc::pollfd {
-            fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
         let ms = left.as_millis().clamp(1, 1000) as i32;
-        // SAFETY: polls one valid pollfd.
-        let r = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if r <= 0 {
+        let Some(f) = recv_arp(&fd, &mut buf, ms) else {
             continue;
-        }
-        // SAFETY: receives into a stack buffer, without blocking.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
         };
-        if n < 42 {
-            continue;
-        }
-        let f = &buf[..n as usize];
         let op = u16::from_be_bytes([f[20], f[21]]);
-        if f[12..14] != ETH_P_ARP.to_be_bytes() || op != 2 {
+        if op != 2 {
             continue;
         }
         let sha: [u8; 6] = f[22..28].try_into().unwrap_or([0; 6]);
@@ -635,6 +592,34 @@ pub fn arp_who_has(
             }
         }
     }
+}
+
+/// Waits up to `ms` for one frame on the packet socket `fd`; the frame if
+/// it is a complete ARP packet.
+fn recv_arp<'b>(fd: &OwnedFd, buf: &'b mut [u8], ms: i32) -> Option<&'b [u8]> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: polls one valid pollfd.
+    if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+        return None;
+    }
+    // SAFETY: receives into the caller's buffer, without blocking.
+    let n = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 42 {
+        return None;
+    }
+    let f = &buf[..n as usize];
+    (f[12..14] == ETH_P_ARP.to_be_bytes()).then_some(f)
 }
 
 /// Opens (and closes) a raw IPv4 ICMP socket: whether the caller holds
