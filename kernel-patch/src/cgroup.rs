@@ -361,6 +361,21 @@ impl ContextCgroup {
         }
     }
 
+    /// Waits until no process but `keep` is left (or none); `Ok(false)` on
+    /// timeout.
+    pub fn wait_only(&self, keep: i32, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.procs()?.iter().all(|&p| p == keep) {
+                return Ok(true);
+            }
+            if Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// `cgroup.kill`: SIGKILL to every process in the context, at once.
     pub fn kill(&self) -> Result<()> {
         write(&self.v2.join("cgroup.kill"), "1")

@@ -929,17 +929,37 @@ pub fn terminate(
     signal_init: bool,
 ) -> Result<()> {
     let reap = init.map(|s| s.pid);
+    let mut shielded_init = None;
     if signal_init {
         if let Some(s) = init {
             if let Err(e) = pidfd_send_signal(s.pidfd.as_raw_fd(), libc::SIGTERM) {
                 tracing::debug!(error = %e, "SIGTERM to the context init");
             }
+            if sigterm_disposition(s.pid) == Some(SigtermDisposition::Default) {
+                shielded_init = Some(s.pid);
+            }
         }
     }
-    if cg.wait_empty(grace, reap)? {
-        return Ok(());
+    let emptied = match shielded_init {
+        // The kernel shields a pid namespace's init from signals it has no
+        // handler for, so SIGTERM does nothing to a service run directly as
+        // init (httpd, sleep). What SIGTERM would do to any other process,
+        // end it, is done by cgroup.kill once the rest of the context had
+        // its SIGTERM and is gone; the grace period is not waited in vain.
+        Some(pid) => {
+            tracing::info!(pid, "the context init has no SIGTERM handler; the rest of the context gets SIGTERM, then cgroup.kill");
+            signal_all_but(cg, pid, libc::SIGTERM);
+            cg.wait_only(pid, grace)?
+        }
+        None => cg.wait_empty(grace, reap)?,
+    };
+    match (emptied, shielded_init) {
+        (true, None) => return Ok(()),
+        (true, Some(_)) => {}
+        (false, _) => {
+            tracing::info!(cgroup = %cg.v2.display(), "grace period over, cgroup.kill")
+        }
     }
-    tracing::info!(cgroup = %cg.v2.display(), "grace period over, cgroup.kill");
     cg.kill()?;
     if cg.wait_empty(Duration::from_secs(30), reap)? {
         return Ok(());
@@ -948,4 +968,87 @@ pub fn terminate(
         step: format!("waiting for {} to empty after cgroup.kill", cg.v2.display()),
         secs: 30,
     })
+}
+
+/// What a process does on SIGTERM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SigtermDisposition {
+    Caught,
+    Ignored,
+    Default,
+}
+
+/// SIGTERM's disposition for `pid`, from `SigIgn`/`SigCgt` in its status;
+/// `None` when the process is gone or the file unreadable.
+pub(crate) fn sigterm_disposition(pid: i32) -> Option<SigtermDisposition> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    parse_sigterm_disposition(&status)
+}
+
+fn parse_sigterm_disposition(status: &str) -> Option<SigtermDisposition> {
+    let mask = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    let bit = 1u64 << (libc::SIGTERM - 1);
+    let (caught, ignored) = (mask("SigCgt:")?, mask("SigIgn:")?);
+    Some(if caught & bit != 0 {
+        SigtermDisposition::Caught
+    } else if ignored & bit != 0 {
+        SigtermDisposition::Ignored
+    } else {
+        SigtermDisposition::Default
+    })
+}
+
+/// Sends `sig` to every process of `cg` except `keep`; a process that is
+/// gone by then is no error.
+fn signal_all_but(cg: &ContextCgroup, keep: i32, sig: i32) {
+    let procs = match cg.procs() {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::debug!(error = %e, "listing the context's processes");
+            return;
+        }
+    };
+    for pid in procs.into_iter().filter(|&p| p != keep) {
+        // a pidfd, so that a pid reused after the listing is not signalled
+        if let Ok(fd) = crate::sys::pidfd_open(pid) {
+            let _ = pidfd_send_signal(fd.as_raw_fd(), sig);
+        }
+    }
+}
+
+#[cfg(test)]
+mod disposition_tests {
+    use super::*;
+
+    fn status(cgt: &str, ign: &str) -> String {
+        format!("Name:\thttpd\nSigBlk:\t0000000000000000\nSigIgn:\t{ign}\nSigCgt:\t{cgt}\n")
+    }
+
+    #[test]
+    fn sigterm_bit_is_read_from_caught_then_ignored() {
+        // SIGTERM is signal 15: bit 14, 0x4000
+        let d = |c, i| parse_sigterm_disposition(&status(c, i));
+        assert_eq!(
+            d("0000000000004000", "0000000000000000"),
+            Some(SigtermDisposition::Caught)
+        );
+        assert_eq!(
+            d("0000000000000000", "0000000000004000"),
+            Some(SigtermDisposition::Ignored)
+        );
+        assert_eq!(
+            d("0000000000010002", "0000000000001000"),
+            Some(SigtermDisposition::Default)
+        );
+        assert_eq!(
+            d("0000000180014a03", "0000000000000000"),
+            Some(SigtermDisposition::Caught)
+        );
+        assert_eq!(parse_sigterm_disposition("Name:\tx\n"), None);
+    }
 }

@@ -355,6 +355,53 @@ fn vserver_isolation_ipv4root_and_caps() {
     );
 }
 
+/// A service run directly as the context's init (httpd, sleep) has no
+/// SIGTERM handler, and the kernel shields a pid namespace's init from such
+/// signals: stop must not wait the whole grace period for it, yet the rest
+/// of the context still gets its SIGTERM first.
+#[test]
+fn stop_of_an_init_without_sigterm_handler_does_not_wait_the_grace_period() {
+    if !need_root() {
+        return;
+    }
+    let t = tag();
+    let pair = Pair::new(&t);
+    let env = Env::new(&t);
+    pair.host.enter();
+    let name = format!("vs{t}");
+    let tree = env.tree(&name);
+    let mut spec = VserverSpec::new(&name, &tree);
+    spec.ip = Some(format!("{}/24", pair.ip(7)));
+    spec.start = vec!["/bin/sleep".into(), "100000".into()];
+    spec.stop_timeout = 600;
+    let st = start(&env, &spec, 1);
+    let (c, o) = vsh(
+        &env.paths,
+        &name,
+        "(setsid sh -c 'trap \"echo got-term > /term-marker; exit 0\" TERM; while :; do sleep 1 & wait; done' > /dev/null 2>&1 &); echo started",
+    );
+    assert_eq!(c, 0, "{o}");
+    wait_for("the trapping child", 30, || {
+        vsha_kernel::proc::all(Path::new("/proc"))
+            .into_iter()
+            .find(|p| p.command.contains("trap") && p.cgroup.ends_with(&format!("/{name}")))
+    });
+    let began = std::time::Instant::now();
+    local::stop_with(&sys(1), &env.paths, &spec, &st).unwrap();
+    let took = began.elapsed();
+    // the grace period is 600 s; anything near it means it was waited
+    assert!(took < Duration::from_secs(300), "stop took {took:?}");
+    assert_eq!(
+        std::fs::read_to_string(tree.join("term-marker"))
+            .ok()
+            .as_deref(),
+        Some("got-term\n"),
+        "the other process of the context had its SIGTERM before the kill"
+    );
+    assert!(!st.cgroup.v2.exists(), "v2 cgroup removed");
+    assert!(no_process_in(&env), "nothing of the context survives");
+}
+
 #[test]
 fn pids_limit_stops_a_fork_bomb_and_stop_leaves_nothing() {
     if !need_root() {
