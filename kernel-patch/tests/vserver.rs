@@ -172,6 +172,35 @@ fn start(env: &Env, spec: &VserverSpec, garp: u32) -> RunState {
     local::start_with(&sys(garp), &env.paths, spec).expect("start")
 }
 
+/// A fresh root test's pieces: a namespace pair with its host side
+/// entered, an environment, and a spec for vserver `vs<tag>` on its own
+/// tree at `pair.ip(host)`.
+struct Fixture {
+    pair: Pair,
+    env: Env,
+    name: String,
+    tree: std::path::PathBuf,
+    spec: VserverSpec,
+}
+
+fn fixture(host: u8) -> Fixture {
+    let t = tag();
+    let pair = Pair::new(&t);
+    let env = Env::new(&t);
+    pair.host.enter();
+    let name = format!("vs{t}");
+    let tree = env.tree(&name);
+    let mut spec = VserverSpec::new(&name, &tree);
+    spec.ip = Some(format!("{}/24", pair.ip(host)));
+    Fixture {
+        pair,
+        env,
+        name,
+        tree,
+        spec,
+    }
+}
+
 fn no_process_in(env: &Env) -> bool {
     let prefix = format!("0::/{}/", env.paths.cgroup_parent);
     vsha_kernel::proc::all(Path::new("/proc"))
@@ -184,12 +213,13 @@ fn vserver_isolation_ipv4root_and_caps() {
     if !need_root() {
         return;
     }
-    let t = tag();
-    let pair = Pair::new(&t);
-    let env = Env::new(&t);
-    pair.host.enter();
-    let name = format!("vs{t}");
-    let tree = env.tree(&name);
+    let Fixture {
+        pair,
+        env,
+        name,
+        tree,
+        mut spec,
+    } = fixture(5);
     install_probe(&tree);
     // a setuid-root copy of busybox for the regain test
     std::fs::create_dir_all(tree.join("suid")).unwrap();
@@ -199,8 +229,6 @@ fn vserver_isolation_ipv4root_and_caps() {
         tree.join("suid/busybox").display()
     ));
     let vip = pair.ip(5);
-    let mut spec = VserverSpec::new(&name, &tree);
-    spec.ip = Some(format!("{vip}/24"));
     spec.dev = Some("va".into());
     spec.hostname = Some("isolated".into());
     spec.domainname = Some("example.org".into());
@@ -364,14 +392,13 @@ fn stop_of_an_init_without_sigterm_handler_does_not_wait_the_grace_period() {
     if !need_root() {
         return;
     }
-    let t = tag();
-    let pair = Pair::new(&t);
-    let env = Env::new(&t);
-    pair.host.enter();
-    let name = format!("vs{t}");
-    let tree = env.tree(&name);
-    let mut spec = VserverSpec::new(&name, &tree);
-    spec.ip = Some(format!("{}/24", pair.ip(7)));
+    let Fixture {
+        pair: _pair,
+        env,
+        name,
+        tree,
+        mut spec,
+    } = fixture(7);
     spec.start = vec!["/bin/sleep".into(), "100000".into()];
     spec.stop_timeout = 600;
     let st = start(&env, &spec, 1);
@@ -407,14 +434,13 @@ fn pids_limit_stops_a_fork_bomb_and_stop_leaves_nothing() {
     if !need_root() {
         return;
     }
-    let t = tag();
-    let pair = Pair::new(&t);
-    let env = Env::new(&t);
-    pair.host.enter();
-    let name = format!("vs{t}");
-    let tree = env.tree(&name);
-    let mut spec = VserverSpec::new(&name, &tree);
-    spec.ip = Some(format!("{}/24", pair.ip(6)));
+    let Fixture {
+        pair: _pair,
+        env,
+        name,
+        tree: _,
+        mut spec,
+    } = fixture(6);
     spec.hostname = Some("bombed".into());
     spec.limits.nproc = Some(20);
     spec.limits.memory = Some(48 << 20);
@@ -528,14 +554,13 @@ fn hooks_run_in_order_and_failing_pre_start_aborts() {
     if !need_root() {
         return;
     }
-    let t = tag();
-    let pair = Pair::new(&t);
-    let env = Env::new(&t);
-    pair.host.enter();
-    let name = format!("vs{t}");
-    let tree = env.tree(&name);
-    let mut spec = VserverSpec::new(&name, &tree);
-    spec.ip = Some(format!("{}/24", pair.ip(7)));
+    let Fixture {
+        pair: _pair,
+        env,
+        name,
+        tree: _,
+        mut spec,
+    } = fixture(7);
     spec.start = idle_init();
     let record = env.dir.path().join("hook.log");
     let hook = vsha_kernel::hooks::script_path(&env.paths.config_dir, &name);
@@ -915,15 +940,14 @@ fn start_refuses_an_address_another_machine_answers_for() {
     if !need_root() {
         return;
     }
-    let t = tag();
-    let pair = Pair::new(&t);
-    let env = Env::new(&t);
-    pair.host.enter();
-    let name = format!("vs{t}");
-    let tree = env.tree(&name);
-    let mut spec = VserverSpec::new(&name, &tree);
     // the peer namespace already holds .2
-    spec.ip = Some(format!("{}/24", pair.ip(2)));
+    let Fixture {
+        pair,
+        env,
+        name,
+        tree,
+        mut spec,
+    } = fixture(2);
     spec.dev = Some("va".into());
     spec.start = idle_init();
     write_spec(&env, &spec);
