@@ -339,43 +339,25 @@ fn finish(
             prev_map.get(path).copied()
         }
     };
-    // A cached hash is reused when size, mtime and inode match (inode 0: a
-    // receiver manifest, which has none: size and mtime, like rsync's quick
-    // check). Other files are hashed now if `want` says so, else later while
-    // they are sent (their hash stays zero until then).
+    // A cached hash is reused where it may stand (`reusable_hash`). Other
+    // files are hashed now if `want` says so, else later while they are sent
+    // (their hash stays zero until then).
     let mut need = Vec::new();
     for (i, e) in entries.iter_mut().enumerate() {
         if e.kind != Kind::File || e.link.is_some() || e.hash != [0; 32] {
             continue;
         }
-        let hit = prev_get(&e.path[..]).filter(|p| {
-            p.kind == Kind::File
-                && p.size == e.size
-                && p.mtime == e.mtime
-                && p.mtime_nsec == e.mtime_nsec
-                && (p.ino == e.ino || p.ino == 0)
-                && p.hash != [0; 32]
-        });
-        match hit {
-            Some(p) => e.hash = p.hash,
+        match reusable_hash(prev_get(&e.path[..]), e) {
+            Some(h) => e.hash = h,
             None => {
-                e.hash = [0; 32];
                 if want(e) {
                     need.push(i);
                 }
             }
         }
     }
-    let hashes: Vec<(usize, Result<[u8; 32]>)> = io_pool().install(|| {
-        need.par_iter()
-            .map(|&i| (i, hash_file(&join(root, &entries[i].path))))
-            .collect()
-    });
-    for (i, h) in hashes {
-        entries[i].hash = h?;
-        st.hashed_files += 1;
-        st.hashed_bytes += entries[i].size;
-    }
+    st.hashed_bytes += hash_needed(root, &mut entries, &need)?;
+    st.hashed_files += need.len() as u64;
     // Followers take the leader's hash.
     for i in 0..entries.len() {
         if let Some(l) = entries[i].link.clone() {
@@ -743,16 +725,8 @@ pub(crate) fn rescan_changes(
         if e.kind != Kind::File {
             continue;
         }
-        let hit = at(&e.path).map(|j| &es[j]).filter(|p| {
-            p.kind == Kind::File
-                && p.size == e.size
-                && p.mtime == e.mtime
-                && p.mtime_nsec == e.mtime_nsec
-                && (p.ino == e.ino || p.ino == 0)
-                && p.hash != [0; 32]
-        });
-        match hit {
-            Some(p) => e.hash = p.hash,
+        match reusable_hash(at(&e.path).map(|j| &es[j]), e) {
+            Some(h) => e.hash = h,
             None => {
                 if want(e) {
                     need.push(i);
@@ -760,14 +734,7 @@ pub(crate) fn rescan_changes(
             }
         }
     }
-    let hashes: Vec<(usize, Result<[u8; 32]>)> = io_pool().install(|| {
-        need.par_iter()
-            .map(|&i| (i, hash_file(&join(root, &added[i].path))))
-            .collect()
-    });
-    for (i, h) in hashes {
-        added[i].hash = h?;
-    }
+    hash_needed(root, &mut added, &need)?;
     // A re-listed entry identical to its previous version (the other names
     // in a changed directory) stays as it was: neither re-encoded nor
     // compared again later.
@@ -783,6 +750,37 @@ pub(crate) fn rescan_changes(
     ch.removed = removed;
     ch.added = added;
     Ok(ch)
+}
+
+/// The hash of `prev` when it may stand for file `e`: same size, mtime and
+/// inode (inode 0: a receiver manifest, which has none: size and mtime,
+/// like rsync's quick check).
+fn reusable_hash(prev: Option<&Entry>, e: &Entry) -> Option<[u8; 32]> {
+    prev.filter(|p| {
+        p.kind == Kind::File
+            && p.size == e.size
+            && p.mtime == e.mtime
+            && p.mtime_nsec == e.mtime_nsec
+            && (p.ino == e.ino || p.ino == 0)
+            && p.hash != [0; 32]
+    })
+    .map(|p| p.hash)
+}
+
+/// Hashes the files at `need` (indexes into `entries`) on the I/O pool and
+/// stores their hashes; returns the bytes hashed.
+fn hash_needed(root: &Path, entries: &mut [Entry], need: &[usize]) -> Result<u64> {
+    let hashes: Vec<(usize, Result<[u8; 32]>)> = io_pool().install(|| {
+        need.par_iter()
+            .map(|&i| (i, hash_file(&join(root, &entries[i].path))))
+            .collect()
+    });
+    let mut bytes = 0;
+    for (i, h) in hashes {
+        entries[i].hash = h?;
+        bytes += entries[i].size;
+    }
+    Ok(bytes)
 }
 
 /// Same digest-relevant content and same local facts (inode, link count,
