@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{handover, replicated_counter, root_and_busybox, settled};
+use common::{demo_running, handover, replicated_counter, root_and_busybox};
 use vsha_cluster_tests::status::runs_on;
 use vsha_cluster_tests::Cluster;
 
@@ -26,9 +26,7 @@ fn leader_node_dies_during_a_failover() {
         .expect("leader");
     let others: Vec<u64> = (1..=5).filter(|&n| n != leader).collect();
     let (p, s) = (others[0], others[1]);
-    c.demo_tree(p, "web");
-    let ip = c.add_demo(p, "web", p, &[s], &[], &[]);
-    let g1 = settled(&c, "web", &ip, p, s, 0);
+    let (ip, g1) = demo_running(&mut c, "web", p, s);
     replicated_counter(&c, s, "web", 3);
 
     let mark = c.checker.mark();

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{handover, root_and_busybox, settled};
+use common::{demo_running, handover, root_and_busybox, settled};
 use vsha_cluster_tests::status::runs_on;
 use vsha_cluster_tests::Cluster;
 
@@ -23,9 +23,7 @@ fn planned_migration_keeps_the_counter_continuous() {
         .config("replication_interval_ms = 3000")
         .tag("mg")
         .start();
-    c.demo_tree(1, "web");
-    let ip = c.add_demo(1, "web", 1, &[2], &[], &[]);
-    let mut g = settled(&c, "web", &ip, 1, 2, 0);
+    let (ip, mut g) = demo_running(&mut c, "web", 1, 2);
     for (from, to) in [(1, 2), (2, 1)] {
         let mark = c.checker.mark();
         let out = c.ok(from, &["migrate", "web", "--to", &to.to_string()]);
@@ -62,9 +60,7 @@ fn migrations_after_failovers_both_ways() {
         .config("replication_interval_ms = 500")
         .tag("m3")
         .start();
-    c.demo_tree(1, "web");
-    let ip = c.add_demo(1, "web", 1, &[2], &[], &[]);
-    let mut g = settled(&c, "web", &ip, 1, 2, 0);
+    let (ip, mut g) = demo_running(&mut c, "web", 1, 2);
     for (dead, to) in [(1, 2), (2, 1)] {
         let mark = c.checker.mark();
         c.kill_node(dead);

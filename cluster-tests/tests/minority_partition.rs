@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{handover, replicated_counter, root_and_busybox, settled};
+use common::{demo_running, handover, replicated_counter, root_and_busybox};
 use vsha_cluster_tests::status::runs_on;
 use vsha_cluster_tests::Cluster;
 
@@ -19,9 +19,7 @@ fn primary_in_minority_fences_before_majority_starts() {
         .config("replication_interval_ms = 500")
         .tag("mp")
         .start();
-    c.demo_tree(1, "web");
-    let ip = c.add_demo(1, "web", 1, &[2], &[], &[]);
-    let g1 = settled(&c, "web", &ip, 1, 2, 0);
+    let (ip, g1) = demo_running(&mut c, "web", 1, 2);
     replicated_counter(&c, 2, "web", 3);
 
     let mark = c.checker.mark();

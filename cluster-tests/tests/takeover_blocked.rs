@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{replicated_counter, root_and_busybox, settled};
+use common::{demo_running, replicated_counter, root_and_busybox};
 use vsha_cluster_tests::status::runs_on;
 use vsha_cluster_tests::Cluster;
 
@@ -19,9 +19,7 @@ fn ip_answered_elsewhere_blocks_takeover_with_an_event() {
         .config("max_restarts = 1000")
         .tag("tb")
         .start();
-    c.demo_tree(1, "web");
-    let ip = c.add_demo(1, "web", 1, &[2], &[], &[]);
-    let g1 = settled(&c, "web", &ip, 1, 2, 0);
+    let (ip, g1) = demo_running(&mut c, "web", 1, 2);
     replicated_counter(&c, 2, "web", 2);
 
     let seq = c.last_event_seq();
@@ -63,9 +61,7 @@ fn takeover_refused_twice_is_retried_once_the_ip_is_free() {
         .config("max_restarts = 1000")
         .tag("tr")
         .start();
-    c.demo_tree(1, "web");
-    let ip = c.add_demo(1, "web", 1, &[2], &[], &[]);
-    let g1 = settled(&c, "web", &ip, 1, 2, 0);
+    let (ip, g1) = demo_running(&mut c, "web", 1, 2);
     replicated_counter(&c, 2, "web", 2);
 
     let seq = c.last_event_seq();

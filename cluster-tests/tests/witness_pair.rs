@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{handover, root_and_busybox, settled};
+use common::{demo_running, handover, root_and_busybox, settled};
 use serde_json::Value;
 use vsha_cluster_tests::status::{generation, runs_on};
 use vsha_cluster_tests::Cluster;
@@ -21,9 +21,7 @@ fn two_node_pair_with_witness_survives_agent_kill_and_stop() {
         .config("replication_interval_ms = 300")
         .tag("wp")
         .start();
-    c.demo_tree(1, "web");
-    let ip = c.add_demo(1, "web", 1, &[2], &[], &[]);
-    let g1 = settled(&c, "web", &ip, 1, 2, 0);
+    let (ip, g1) = demo_running(&mut c, "web", 1, 2);
 
     let sim: Value =
         serde_json::from_str(&c.ok(2, &["simulate", "node-down", "1", "--json"])).unwrap();

@@ -32,6 +32,16 @@ pub fn settled(c: &Cluster, name: &str, ip: &str, node: u64, standby: u64, above
     vsha_cluster_tests::status::generation(&s, name)
 }
 
+/// Vserver `name` with the demo service, its tree made on `primary`,
+/// paired `primary` then `standby`, settled (see [`settled`]). Returns its
+/// IP and generation.
+pub fn demo_running(c: &mut Cluster, name: &str, primary: u64, standby: u64) -> (String, u64) {
+    c.demo_tree(primary, name);
+    let ip = c.add_demo(primary, name, primary, &[standby], &[], &[]);
+    let g = settled(c, name, &ip, primary, standby, 0);
+    (ip, g)
+}
+
 /// Waits until node `node`'s replica of `name` holds a counter of at
 /// least `min`.
 pub fn replicated_counter(c: &Cluster, node: u64, name: &str, min: u64) -> u64 {
