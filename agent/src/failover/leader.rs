@@ -27,6 +27,7 @@ use crate::submit::APPLY_WAIT;
 
 use super::clock::{mono_ms, unix_ms};
 use super::events::EventLog;
+use super::held::{final_sync_timeout_ms, HeldMoves};
 
 /// A move under way, for status phases and the event that closes it.
 #[derive(Debug, Clone)]
@@ -41,23 +42,6 @@ struct MoveTrace {
     applied_ms: Option<u64>,
 }
 
-/// A `Final` sync must finish before the placement that follows it.
-#[derive(Debug, Clone)]
-struct HeldProposal {
-    change: PlacementChange,
-    /// The standby must report a replica whose source is at least this.
-    since_unix_ms: u64,
-    /// When the first final sync of this move was ordered (monotonic ms).
-    first_ms: u64,
-}
-
-/// A move whose final delta has not arrived after this long is abandoned:
-/// the vserver starts again where it was (a stopped vserver must not wait
-/// for a standby that cannot take the delta).
-fn final_sync_timeout_ms(lease_ms: u64) -> u64 {
-    (10 * lease_ms).max(30_000)
-}
-
 fn is_start(o: &pb::Order) -> bool {
     o.action == "start" || o.action == "restart"
 }
@@ -69,7 +53,7 @@ struct Inner {
     outbox: BTreeMap<NodeId, Vec<pb::Order>>,
     reports: BTreeMap<(String, NodeId), pb::VserverReport>,
     replicas: BTreeMap<(String, NodeId), pb::ReplicaReport>,
-    held: BTreeMap<String, HeldProposal>,
+    held: HeldMoves,
     moves: BTreeMap<String, MoveTrace>,
     alerts: BTreeMap<String, String>,
     /// vserver → when a Stop was ordered for it (planned-move downtime).
@@ -131,7 +115,7 @@ impl LeaderRuntime {
                 outbox: BTreeMap::new(),
                 reports: BTreeMap::new(),
                 replicas: BTreeMap::new(),
-                held: BTreeMap::new(),
+                held: HeldMoves::default(),
                 moves: BTreeMap::new(),
                 alerts: BTreeMap::new(),
                 stop_ordered_ms: BTreeMap::new(),
@@ -417,27 +401,7 @@ impl LeaderRuntime {
                     vserver.clone(),
                     generation,
                 );
-                // A retry of the same move keeps its first time (timeout).
-                let first_ms = inner
-                    .held
-                    .get(&vserver)
-                    .filter(|h| h.change.to == to && h.change.expect_generation == generation)
-                    .map_or(now.mono_ms, |h| h.first_ms);
-                inner.held.insert(
-                    vserver.clone(),
-                    HeldProposal {
-                        change: PlacementChange {
-                            vserver,
-                            from: Some(from),
-                            to,
-                            generation: generation + 1,
-                            expect_generation: generation,
-                            reason: MoveReason::Drain,
-                        },
-                        since_unix_ms: now.unix_ms,
-                        first_ms,
-                    },
-                );
+                inner.held.hold(vserver, from, to, generation, now);
             }
             Cmd::Sync {
                 kind: SyncKind::Stream,
@@ -500,19 +464,11 @@ impl LeaderRuntime {
     /// replica taken after the vserver stopped.
     fn release_held(self: &Arc<Self>, inner: &mut Inner, now: Now) {
         let limit = final_sync_timeout_ms(self.settings.lease_ms);
-        let expired: Vec<String> = inner
-            .held
-            .iter()
-            .filter(|(_, h)| now.mono_ms.saturating_sub(h.first_ms) > limit)
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in expired {
-            let Some(h) = inner.held.remove(&name) else {
-                continue;
-            };
+        for h in inner.held.take_expired(now.mono_ms, limit) {
             let Some(from) = h.change.from else {
                 continue;
             };
+            let name = h.change.vserver.clone();
             let msg = format!(
                 "move aborted: the final delta of {name} to node {} did not arrive within {} s; it starts again on node {from}",
                 h.change.to,
@@ -534,22 +490,8 @@ impl LeaderRuntime {
                 reason: MoveReason::Replace,
             });
         }
-        let ready: Vec<String> = inner
-            .held
-            .iter()
-            .filter(|(name, h)| {
-                inner
-                    .replicas
-                    .get(&((*name).clone(), h.change.to))
-                    .is_some_and(|r| r.source_unix_ms >= h.since_unix_ms)
-                    && h.change.reason.is_planned()
-            })
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in ready {
-            if let Some(h) = inner.held.remove(&name) {
-                self.propose(h.change);
-            }
+        for change in inner.held.take_ready(&inner.replicas) {
+            self.propose(change);
         }
     }
 
@@ -718,7 +660,7 @@ impl LeaderRuntime {
                         } else {
                             "moving (placement proposed)".into()
                         };
-                    } else if g.held.contains_key(name) {
+                    } else if g.held.contains(name) {
                         rt.phase = "final sync before the move".into();
                     } else if !g.ctl.lease_alive(node, now) {
                         // The lease ran out; the margin is still running,

@@ -6,6 +6,7 @@ pub mod clock;
 pub mod events;
 pub mod guard;
 pub mod health;
+pub mod held;
 pub mod host;
 pub mod leader;
 pub mod lease;
