@@ -83,6 +83,8 @@ pub struct NodeRuntime {
     guard: Mutex<Option<GuardHandle>>,
     guard_exe: PathBuf,
     wake: Notify,
+    /// Told when the leader orders a final delta (replication waits on it).
+    final_sync_wake: Notify,
     /// When the reconcile loop last went round (monotonic ms): the systemd
     /// watchdog is fed only while it does.
     last_round_ms: std::sync::atomic::AtomicU64,
@@ -127,6 +129,7 @@ impl NodeRuntime {
             guard: Mutex::new(None),
             guard_exe,
             wake: Notify::new(),
+            final_sync_wake: Notify::new(),
             last_round_ms: std::sync::atomic::AtomicU64::new(mono_ms()),
             replication: std::sync::OnceLock::new(),
         }
@@ -381,6 +384,11 @@ impl NodeRuntime {
         std::mem::take(&mut self.lock().final_syncs)
     }
 
+    /// Resolves once a final delta has been ordered since the last call.
+    pub async fn final_sync_ordered(&self) {
+        self.final_sync_wake.notified().await
+    }
+
     /// The vservers this node runs as holder right now, with generation.
     pub fn running_here(&self) -> Vec<(String, u64)> {
         self.lock()
@@ -542,6 +550,7 @@ impl NodeRuntime {
                 if let Some(to) = o.action.strip_prefix("final-sync:") {
                     if let Ok(to) = to.parse() {
                         sh.final_syncs.push((o.vserver, o.generation, to));
+                        self.final_sync_wake.notify_one();
                     }
                     continue;
                 }

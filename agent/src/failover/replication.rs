@@ -64,6 +64,15 @@ pub fn replica_dir(vserver_root: &Path) -> PathBuf {
     vserver_root.join(".replicas")
 }
 
+/// A final delta the leader ordered, until a round of it gets through.
+struct FinalSync {
+    name: String,
+    generation: u64,
+    to: NodeId,
+    tries: u32,
+    outcome: Option<oneshot::Receiver<Result<(), String>>>,
+}
+
 /// A receive in progress, cancellable.
 struct Receiving {
     cancel: Option<oneshot::Sender<()>>,
@@ -81,6 +90,8 @@ pub struct Replication {
     senders: Mutex<BTreeMap<(String, NodeId), SenderState>>,
     in_flight: Mutex<BTreeSet<(String, NodeId)>>,
     receiving: Mutex<BTreeMap<String, Receiving>>,
+    /// Told when any round ends (a waiting final delta may go).
+    round_done: tokio::sync::Notify,
 }
 
 impl Replication {
@@ -104,6 +115,7 @@ impl Replication {
             senders: Mutex::new(BTreeMap::new()),
             in_flight: Mutex::new(BTreeSet::new()),
             receiving: Mutex::new(BTreeMap::new()),
+            round_done: tokio::sync::Notify::new(),
         }
     }
 
@@ -111,16 +123,17 @@ impl Replication {
     pub async fn run(self: Arc<Self>) {
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // A final delta asked for while a round to the same standby is still
-        // running waits for it (that round may have missed the last writes)
-        // instead of being dropped: a dropped one stalled migrations until
-        // the leader gave up on them.
-        let mut final_syncs: Vec<(String, u64, NodeId)> = Vec::new();
+        let mut finals: Vec<FinalSync> = Vec::new();
         loop {
-            ticker.tick().await;
-            final_syncs.extend(self.node.take_final_syncs());
-            final_syncs
-                .retain(|(name, generation, to)| !self.spawn_round(name.clone(), *generation, *to));
+            let on_tick = tokio::select! {
+                _ = ticker.tick() => true,
+                _ = self.node.final_sync_ordered() => false,
+                _ = self.round_done.notified() => false,
+            };
+            self.drive_final_syncs(&mut finals, on_tick);
+            if !on_tick {
+                continue;
+            }
             for (name, generation) in self.node.running_here() {
                 let standbys = self.raft.read_state(|s| {
                     let Some(vs) = s.vservers.get(&name) else {
@@ -143,14 +156,83 @@ impl Replication {
                         .unwrap_or_default()
                 });
                 for to in standbys {
-                    self.spawn_round(name.clone(), generation, to);
+                    self.spawn_round(name.clone(), generation, to, None);
                 }
             }
         }
     }
 
+    /// Final deltas are sent until one gets through or the move is over:
+    /// one that finds a round to the same standby running waits for it
+    /// (that round may have missed the last writes), and a failed one is
+    /// tried again on the next tick. A dropped one stalled migrations until
+    /// the leader gave up on them.
+    fn drive_final_syncs(self: &Arc<Self>, finals: &mut Vec<FinalSync>, on_tick: bool) {
+        for (name, generation, to) in self.node.take_final_syncs() {
+            let same = |f: &FinalSync| f.name == name && f.generation == generation && f.to == to;
+            if !finals.iter().any(same) {
+                tracing::info!(vserver = %name, to, generation, "final delta ordered");
+                finals.push(FinalSync {
+                    name,
+                    generation,
+                    to,
+                    tries: 0,
+                    outcome: None,
+                });
+            }
+        }
+        finals.retain_mut(|f| {
+            if let Some(rx) = f.outcome.as_mut() {
+                match rx.try_recv() {
+                    Err(oneshot::error::TryRecvError::Empty) => return true,
+                    Ok(Ok(())) => {
+                        tracing::info!(vserver = %f.name, to = f.to, tries = f.tries, "final delta sent");
+                        return false;
+                    }
+                    Ok(Err(e)) => {
+                        tracing::warn!(vserver = %f.name, to = f.to, tries = f.tries, error = %e, "final delta failed; trying again");
+                        f.outcome = None;
+                    }
+                    Err(oneshot::error::TryRecvError::Closed) => f.outcome = None,
+                }
+            }
+            if f.tries > 0 && !on_tick {
+                return true;
+            }
+            if !self.final_sync_wanted(f) {
+                tracing::info!(vserver = %f.name, to = f.to, generation = f.generation, "final delta no longer wanted (the move is over)");
+                return false;
+            }
+            let (tx, rx) = oneshot::channel();
+            if self.spawn_round(f.name.clone(), f.generation, f.to, Some(tx)) {
+                f.tries += 1;
+                f.outcome = Some(rx);
+            }
+            true
+        });
+    }
+
+    /// The vserver is still placed here at the move's generation and does
+    /// not run (a committed or aborted move changes the generation).
+    fn final_sync_wanted(&self, f: &FinalSync) -> bool {
+        let placed = self.raft.read_state(|s| {
+            s.vservers
+                .get(&f.name)
+                .and_then(|v| v.placement.as_ref())
+                .map(|p| (p.node, p.generation))
+        });
+        placed == Some((self.me, f.generation)) && !self.node.runs(&f.name)
+    }
+
     /// Starts a round unless one to the same standby runs; true if started.
-    fn spawn_round(self: &Arc<Self>, name: String, generation: u64, to: NodeId) -> bool {
+    /// `report` gets the round's outcome.
+    fn spawn_round(
+        self: &Arc<Self>,
+        name: String,
+        generation: u64,
+        to: NodeId,
+        report: Option<oneshot::Sender<Result<(), String>>>,
+    ) -> bool {
         let key = (name.clone(), to);
         if !self
             .in_flight
@@ -162,13 +244,18 @@ impl Replication {
         }
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            if let Err(e) = me.round(&name, generation, to).await {
+            let r = me.round(&name, generation, to).await;
+            if let Err(e) = &r {
                 tracing::debug!(vserver = %name, to, error = %e, "replication round failed");
             }
             me.in_flight
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .remove(&key);
+            if let Some(tx) = report {
+                let _ = tx.send(r);
+            }
+            me.round_done.notify_one();
         });
         true
     }
