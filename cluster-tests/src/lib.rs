@@ -37,6 +37,15 @@ use net::{node_ip, vserver_ip, Net};
 /// How long a wait may take on a slow, shared machine.
 pub const PATIENCE: Duration = Duration::from_secs(90);
 
+/// The agents' log filter: `VSHA_TEST_AGENT_LOG`, or info with the
+/// replication rounds at debug (a failed round is what explains a stalled
+/// migration in a failure's log).
+fn agent_log_filter() -> String {
+    std::env::var("VSHA_TEST_AGENT_LOG").unwrap_or_else(|_| {
+        "info,raft=warn,raft_engine=warn,h2=warn,vsha_sync=warn,vsha_agent::failover::replication=debug".into()
+    })
+}
+
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
@@ -134,10 +143,7 @@ impl Agent {
             .arg("--data-dir")
             .arg(self.dir.join("data"))
             .args(["--initial-cluster", initial])
-            .env(
-                "VSHA_LOG",
-                "info,raft=warn,raft_engine=warn,h2=warn,vsha_sync=warn",
-            )
+            .env("VSHA_LOG", agent_log_filter())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

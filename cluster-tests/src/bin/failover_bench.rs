@@ -145,12 +145,9 @@ fn run_profile(profile: &str, trials: usize) -> Value {
         .config("replication_interval_ms = 500")
         .tag(&profile[..1])
         .start();
-    // A static page, not the counting demo service: with the service's
-    // writes (a temp file renamed over the counter) one run stalled in the
-    // planned migrations: the target, which had run the vserver in place
-    // from its replica, refused every round ("rename to undo
-    // data/counter.tmp: No such file or directory").
-    c.build_tree(1, VS, &[("www/index.html", "ok\n")]);
+    // The counting demo service, as in the tests: its writes (a temp file
+    // renamed over the counter) go through every failover and migration.
+    c.demo_tree(1, VS);
     c.ok(
         1,
         &[
@@ -166,6 +163,9 @@ fn run_profile(profile: &str, trials: usize) -> Value {
         ],
     );
     c.ok(1, &["pair", "add", VS, "--primary", "1", "--standby", "2"]);
+    // The invariant checker runs through the bench too (its requests are
+    // what makes the service write); a split brain fails the run.
+    c.watch(VS, IP);
     let prober = Prober::start(&c);
     let mut total = Vec::new();
     let mut detect = Vec::new();
@@ -260,6 +260,7 @@ fn run_profile(profile: &str, trials: usize) -> Value {
             downtime.push(u - d);
         }
     }
+    c.finish();
     json!({
         "profile": profile,
         "trials": trials,
