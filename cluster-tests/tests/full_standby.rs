@@ -34,12 +34,13 @@ fn full_standby_is_never_started_from_a_partial_copy() {
         "a replica on a full disk: {s:#}"
     );
 
+    c.kill_node(1);
+    // Read once node 1 is dead: answers kept coming while it was killed.
     let last1 = c
         .checker
         .last_answer(&ip)
         .and_then(|a| a.counter)
         .unwrap_or(0);
-    c.kill_node(1);
     let ev = c.wait_event("alert", seq);
     eprintln!("alert: {ev}");
     assert!(
