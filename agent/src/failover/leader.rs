@@ -54,6 +54,8 @@ struct Inner {
     reports: BTreeMap<(String, NodeId), pb::VserverReport>,
     replicas: BTreeMap<(String, NodeId), pb::ReplicaReport>,
     held: HeldMoves,
+    /// (vserver, standby) → the newest final-sync order a round answered.
+    final_answers: BTreeMap<(String, NodeId), (u64, u64)>,
     moves: BTreeMap<String, MoveTrace>,
     alerts: BTreeMap<String, String>,
     /// vserver → when a Stop was ordered for it (planned-move downtime).
@@ -63,7 +65,14 @@ struct Inner {
 }
 
 impl Inner {
-    fn queue(&mut self, node: NodeId, action: &str, vserver: String, generation: u64) {
+    /// Queues an order for `node`; returns its (term, seq).
+    fn queue(
+        &mut self,
+        node: NodeId,
+        action: &str,
+        vserver: String,
+        generation: u64,
+    ) -> (u64, u64) {
         self.order_seq += 1;
         let order = pb::Order {
             action: action.to_string(),
@@ -72,7 +81,9 @@ impl Inner {
             term: self.leading_term.unwrap_or(0),
             seq: self.order_seq,
         };
+        let id = (order.term, order.seq);
         self.outbox.entry(node).or_default().push(order);
+        id
     }
 }
 
@@ -116,6 +127,7 @@ impl LeaderRuntime {
                 reports: BTreeMap::new(),
                 replicas: BTreeMap::new(),
                 held: HeldMoves::default(),
+                final_answers: BTreeMap::new(),
                 moves: BTreeMap::new(),
                 alerts: BTreeMap::new(),
                 stop_ordered_ms: BTreeMap::new(),
@@ -220,6 +232,14 @@ impl LeaderRuntime {
                 if r.source_unix_ms >= e.source_unix_ms {
                     *e = r.clone();
                 }
+                let answered = (r.final_order_term, r.final_order_seq);
+                if answered > (0, 0) {
+                    let a = inner
+                        .final_answers
+                        .entry((r.vserver.clone(), r.node))
+                        .or_default();
+                    *a = (*a).max(answered);
+                }
             }
         });
         // Orders stay queued until the node acknowledges them, and go out
@@ -277,6 +297,7 @@ impl LeaderRuntime {
                     .read_state(|s| inner.ctl.observe(s, now, Event::BecameLeader));
                 inner.outbox.clear();
                 inner.held.clear();
+                inner.final_answers.clear();
                 inner.moves.clear();
                 self.events.record(EventLog::event(
                     "leader",
@@ -294,6 +315,7 @@ impl LeaderRuntime {
                     .read_state(|s| inner.ctl.observe(s, now, Event::LostLeadership));
                 inner.outbox.clear();
                 inner.held.clear();
+                inner.final_answers.clear();
                 inner.moves.clear();
             }
             _ => {}
@@ -346,7 +368,9 @@ impl LeaderRuntime {
                 vserver,
                 node,
                 generation,
-            } => inner.queue(node, "start", vserver, generation),
+            } => {
+                inner.queue(node, "start", vserver, generation);
+            }
             Cmd::Stop {
                 vserver,
                 node,
@@ -357,13 +381,15 @@ impl LeaderRuntime {
                 if let Some(q) = inner.outbox.get_mut(&node) {
                     q.retain(|o| o.vserver != vserver || !is_start(o));
                 }
-                inner.queue(node, "stop", vserver, generation)
+                inner.queue(node, "stop", vserver, generation);
             }
             Cmd::Restart {
                 vserver,
                 node,
                 generation,
-            } => inner.queue(node, "restart", vserver, generation),
+            } => {
+                inner.queue(node, "restart", vserver, generation);
+            }
             Cmd::Fence {
                 vserver,
                 node,
@@ -395,13 +421,15 @@ impl LeaderRuntime {
                 kind: SyncKind::Final,
             } => {
                 // The proposal that follows waits for the final delta.
-                inner.queue(
+                let order = inner.queue(
                     from,
                     &format!("final-sync:{to}"),
                     vserver.clone(),
                     generation,
                 );
-                inner.held.hold(vserver, from, to, generation, now);
+                inner
+                    .held
+                    .hold(vserver, from, to, generation, order, now.mono_ms);
             }
             Cmd::Sync {
                 kind: SyncKind::Stream,
@@ -490,7 +518,7 @@ impl LeaderRuntime {
                 reason: MoveReason::Replace,
             });
         }
-        for change in inner.held.take_ready(&inner.replicas) {
+        for change in inner.held.take_ready(&inner.final_answers) {
             self.propose(change);
         }
     }

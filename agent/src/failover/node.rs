@@ -32,6 +32,16 @@ const ORDER_TTL_MS: u64 = 10_000;
 /// Events kept for the leader while it cannot be reached.
 const MAX_PENDING_EVENTS: usize = 500;
 
+/// A final delta the leader ordered: send `vserver` (stopped here at
+/// `generation`) to `to`, answering order `order` (term, seq).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FinalSyncOrder {
+    pub vserver: String,
+    pub generation: u64,
+    pub to: NodeId,
+    pub order: (u64, u64),
+}
+
 struct Shared {
     lease: NodeLease,
     local: BTreeMap<String, LocalVserver>,
@@ -41,8 +51,8 @@ struct Shared {
     orders: Vec<Order>,
     events: Vec<pb::Event>,
     replicas: BTreeMap<(String, NodeId), pb::ReplicaReport>,
-    /// Final syncs the leader asked for: (vserver, generation, standby).
-    final_syncs: Vec<(String, u64, NodeId)>,
+    /// Final syncs the leader asked for.
+    final_syncs: Vec<FinalSyncOrder>,
     /// Health checks of running vservers that have one.
     health: BTreeMap<String, HealthState>,
     /// The newest order received, (term, seq): acknowledged with every
@@ -178,6 +188,7 @@ impl NodeRuntime {
                         node: self.me,
                         source_unix_ms,
                         digest,
+                        ..Default::default()
                     },
                 );
             }
@@ -321,6 +332,7 @@ impl NodeRuntime {
                         node: self.me,
                         source_unix_ms,
                         digest,
+                        ..Default::default()
                     },
                 );
             }
@@ -380,7 +392,7 @@ impl NodeRuntime {
         sh.replicas.insert((r.vserver.clone(), r.node), r);
     }
 
-    pub fn take_final_syncs(&self) -> Vec<(String, u64, NodeId)> {
+    pub fn take_final_syncs(&self) -> Vec<FinalSyncOrder> {
         std::mem::take(&mut self.lock().final_syncs)
     }
 
@@ -549,7 +561,12 @@ impl NodeRuntime {
                 sh.orders_seen = (o.term, o.seq);
                 if let Some(to) = o.action.strip_prefix("final-sync:") {
                     if let Ok(to) = to.parse() {
-                        sh.final_syncs.push((o.vserver, o.generation, to));
+                        sh.final_syncs.push(FinalSyncOrder {
+                            vserver: o.vserver,
+                            generation: o.generation,
+                            to,
+                            order: (o.term, o.seq),
+                        });
                         self.final_sync_wake.notify_one();
                     }
                     continue;

@@ -64,11 +64,16 @@ pub fn replica_dir(vserver_root: &Path) -> PathBuf {
     vserver_root.join(".replicas")
 }
 
+/// Where a round's result goes.
+type RoundOutcome = oneshot::Sender<Result<(), String>>;
+
 /// A final delta the leader ordered, until a round of it gets through.
 struct FinalSync {
     name: String,
     generation: u64,
     to: NodeId,
+    /// The newest order (term, seq) for it; a round answers this one.
+    order: (u64, u64),
     tries: u32,
     outcome: Option<oneshot::Receiver<Result<(), String>>>,
 }
@@ -168,17 +173,23 @@ impl Replication {
     /// tried again on the next tick. A dropped one stalled migrations until
     /// the leader gave up on them.
     fn drive_final_syncs(self: &Arc<Self>, finals: &mut Vec<FinalSync>, on_tick: bool) {
-        for (name, generation, to) in self.node.take_final_syncs() {
-            let same = |f: &FinalSync| f.name == name && f.generation == generation && f.to == to;
-            if !finals.iter().any(same) {
-                tracing::info!(vserver = %name, to, generation, "final delta ordered");
-                finals.push(FinalSync {
-                    name,
-                    generation,
-                    to,
-                    tries: 0,
-                    outcome: None,
-                });
+        for o in self.node.take_final_syncs() {
+            let same = |f: &&mut FinalSync| {
+                f.name == o.vserver && f.generation == o.generation && f.to == o.to
+            };
+            match finals.iter_mut().find(same) {
+                Some(f) => f.order = f.order.max(o.order),
+                None => {
+                    tracing::info!(vserver = %o.vserver, to = o.to, generation = o.generation, "final delta ordered");
+                    finals.push(FinalSync {
+                        name: o.vserver,
+                        generation: o.generation,
+                        to: o.to,
+                        order: o.order,
+                        tries: 0,
+                        outcome: None,
+                    });
+                }
             }
         }
         finals.retain_mut(|f| {
@@ -204,7 +215,7 @@ impl Replication {
                 return false;
             }
             let (tx, rx) = oneshot::channel();
-            if self.spawn_round(f.name.clone(), f.generation, f.to, Some(tx)) {
+            if self.spawn_round(f.name.clone(), f.generation, f.to, Some((f.order, tx))) {
                 f.tries += 1;
                 f.outcome = Some(rx);
             }
@@ -225,13 +236,14 @@ impl Replication {
     }
 
     /// Starts a round unless one to the same standby runs; true if started.
-    /// `report` gets the round's outcome.
+    /// `final_order`: the final-sync order the round answers, and where its
+    /// outcome goes.
     fn spawn_round(
         self: &Arc<Self>,
         name: String,
         generation: u64,
         to: NodeId,
-        report: Option<oneshot::Sender<Result<(), String>>>,
+        final_order: Option<((u64, u64), RoundOutcome)>,
     ) -> bool {
         let key = (name.clone(), to);
         if !self
@@ -243,8 +255,12 @@ impl Replication {
             return false;
         }
         let me = Arc::clone(self);
+        let (order, report) = match final_order {
+            Some((o, tx)) => (Some(o), Some(tx)),
+            None => (None, None),
+        };
         tokio::spawn(async move {
-            let r = me.round(&name, generation, to).await;
+            let r = me.round(&name, generation, to, order).await;
             if let Err(e) = &r {
                 tracing::debug!(vserver = %name, to, error = %e, "replication round failed");
             }
@@ -260,7 +276,13 @@ impl Replication {
         true
     }
 
-    async fn round(&self, name: &str, generation: u64, to: NodeId) -> Result<(), String> {
+    async fn round(
+        &self,
+        name: &str,
+        generation: u64,
+        to: NodeId,
+        final_order: Option<(u64, u64)>,
+    ) -> Result<(), String> {
         let addr = self
             .raft
             .address_of(to)
@@ -344,6 +366,8 @@ impl Replication {
             node: to,
             source_unix_ms: source,
             digest: format!("seq {}", stats.seq),
+            final_order_term: final_order.map_or(0, |o| o.0),
+            final_order_seq: final_order.map_or(0, |o| o.1),
         });
         Ok(())
     }
