@@ -361,6 +361,16 @@ impl Drop for Ours {
     }
 }
 
+/// Overwrites 4 MiB of `path` at `offset` with seeded random bytes.
+fn overwrite_random(path: &Path, seed: u64, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut chunk = vec![0u8; 4 << 20];
+    rng.fill_bytes(&mut chunk);
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(&chunk, offset).unwrap();
+}
+
 fn line(case: &str, tool: &str, secs: f64, bytes: u64) {
     println!("{case:<34} {tool:<22} {secs:>9.3} s {:>14} B", bytes);
 }
@@ -607,18 +617,7 @@ fn main() {
         }
         let _ = rsync(&daemon, &bsrc, "big", &[]);
         let (_, _, bstate) = ours.round(&bsrc, "big", &nopts, SenderState::default());
-        {
-            use std::os::unix::fs::FileExt;
-            let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-            let mut chunk = vec![0u8; 4 << 20];
-            rng.fill_bytes(&mut chunk);
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(bsrc.join("disk.img"))
-                .unwrap();
-            f.write_all_at(&chunk, bigfile / 2 - (1 << 20) + 12345)
-                .unwrap();
-        }
+        overwrite_random(&bsrc.join("disk.img"), 5, bigfile / 2 - (1 << 20) + 12345);
         sync_all();
         let (rs, rb) = rsync(&daemon, &bsrc, "big", &[]);
         line(
@@ -652,17 +651,7 @@ fn main() {
 
         // The same with a receiver just started (its signature cache is in
         // memory): it reads and sums the basis before the delta can match.
-        {
-            use std::os::unix::fs::FileExt;
-            let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-            let mut chunk = vec![0u8; 4 << 20];
-            rng.fill_bytes(&mut chunk);
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(bsrc.join("disk.img"))
-                .unwrap();
-            f.write_all_at(&chunk, bigfile / 4 + 777).unwrap();
-        }
+        overwrite_random(&bsrc.join("disk.img"), 7, bigfile / 4 + 777);
         sync_all();
         let (rs, rb) = rsync(&daemon, &bsrc, "big", &[]);
         line(
