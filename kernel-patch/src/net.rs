@@ -547,20 +547,7 @@ pub fn arp_who_has(
     let (fd, index, mac) = packet_socket(dev)?;
     let mut buf = [0u8; 128];
     // Whatever arrived between socket() and now predates our requests.
-    loop {
-        // SAFETY: receives into a stack buffer, without blocking.
-        let n = unsafe {
-            libc::recv(
-                fd.as_raw_fd(),
-                buf.as_mut_ptr() as *mut libc::c_void,
-                buf.len(),
-                libc::MSG_DONTWAIT,
-            )
-        };
-        if n < 0 {
-            break;
-        }
-    }
+    while recv_now(&fd, &mut buf) >= 0 {}
     let bc = [0xff; 6];
     for ip in ips {
         send_frame(&fd, index, &arp_frame(1, mac, mac, sender, [0; 6], *ip, bc))?;
@@ -594,6 +581,19 @@ pub fn arp_who_has(
     }
 }
 
+/// One frame from `fd` into `buf` without blocking: its length, or -1.
+fn recv_now(fd: &OwnedFd, buf: &mut [u8]) -> isize {
+    // SAFETY: receives into the caller's buffer, at most its length, without blocking.
+    unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr() as *mut libc::c_void,
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    }
+}
+
 /// Waits up to `ms` for one frame on the packet socket `fd`; the frame if
 /// it is a complete ARP packet.
 fn recv_arp<'b>(fd: &OwnedFd, buf: &'b mut [u8], ms: i32) -> Option<&'b [u8]> {
@@ -606,15 +606,7 @@ fn recv_arp<'b>(fd: &OwnedFd, buf: &'b mut [u8], ms: i32) -> Option<&'b [u8]> {
     if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
         return None;
     }
-    // SAFETY: receives into the caller's buffer, without blocking.
-    let n = unsafe {
-        libc::recv(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr() as *mut libc::c_void,
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    };
+    let n = recv_now(fd, buf);
     if n < 42 {
         return None;
     }

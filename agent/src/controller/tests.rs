@@ -139,6 +139,14 @@ fn report(vs: &str, node: NodeId, generation: u64, state: Observed, restarts: u3
     })
 }
 
+/// `web` failed on node 1 at generation 3, after `restarts` restarts.
+fn failed_on_1_gen_3(reason: &str, restarts: u32) -> Event {
+    let state = Observed::Failed {
+        reason: reason.into(),
+    };
+    report("web", 1, 3, state, restarts)
+}
+
 #[test]
 fn unplaced_goes_to_first_eligible_after_leader_grace() {
     let s = cluster(Failback::Never);
@@ -424,17 +432,7 @@ fn a_failure_after_an_unfinished_restart_is_restarted_again() {
     renew(&mut c, &s, 1000, &[1, 2]);
     c.step(&s, Now::at(1000), report("web", 1, 3, Observed::Running, 0));
     c.take_commands();
-    let failed = || {
-        report(
-            "web",
-            1,
-            3,
-            Observed::Failed {
-                reason: "health".into(),
-            },
-            0,
-        )
-    };
+    let failed = || failed_on_1_gen_3("health", 0);
     let restart = Cmd::Restart {
         vserver: "web".into(),
         node: 1,
@@ -461,17 +459,7 @@ fn health_restarts_in_place_then_moves() {
     renew(&mut c, &s, 1000, &[1, 2]);
     c.step(&s, Now::at(1000), report("web", 1, 3, Observed::Running, 0));
     c.take_commands();
-    let failed = |n| {
-        report(
-            "web",
-            1,
-            3,
-            Observed::Failed {
-                reason: "oom".into(),
-            },
-            n,
-        )
-    };
+    let failed = |n| failed_on_1_gen_3("oom", n);
     c.step(&s, Now::at(1100), failed(0));
     let restart = Cmd::Restart {
         vserver: "web".into(),
