@@ -139,6 +139,18 @@ fn report(vs: &str, node: NodeId, generation: u64, state: Observed, restarts: u3
     })
 }
 
+/// `web` placed on node 1 at generation 3 and reported running there, at
+/// 1000 ms, nodes 1 and 2 renewed; no command pending.
+fn web_running_on_1_gen_3() -> (ClusterState, Controller) {
+    let mut s = cluster(Failback::Never);
+    place(&mut s, "web", 1, 3);
+    let mut c = leader(&s, 0);
+    renew(&mut c, &s, 1000, &[1, 2]);
+    c.step(&s, Now::at(1000), report("web", 1, 3, Observed::Running, 0));
+    c.take_commands();
+    (s, c)
+}
+
 /// `web` failed on node 1 at generation 3, after `restarts` restarts.
 fn failed_on_1_gen_3(reason: &str, restarts: u32) -> Event {
     let state = Observed::Failed {
@@ -426,12 +438,7 @@ fn holder_gets_start_and_standby_gets_stream_once_per_generation() {
 /// back: its next failure at the same count is restarted again, not left.
 #[test]
 fn a_failure_after_an_unfinished_restart_is_restarted_again() {
-    let mut s = cluster(Failback::Never);
-    place(&mut s, "web", 1, 3);
-    let mut c = leader(&s, 0);
-    renew(&mut c, &s, 1000, &[1, 2]);
-    c.step(&s, Now::at(1000), report("web", 1, 3, Observed::Running, 0));
-    c.take_commands();
+    let (s, mut c) = web_running_on_1_gen_3();
     let failed = || failed_on_1_gen_3("health", 0);
     let restart = Cmd::Restart {
         vserver: "web".into(),
@@ -453,12 +460,7 @@ fn a_failure_after_an_unfinished_restart_is_restarted_again() {
 
 #[test]
 fn health_restarts_in_place_then_moves() {
-    let mut s = cluster(Failback::Never);
-    place(&mut s, "web", 1, 3);
-    let mut c = leader(&s, 0);
-    renew(&mut c, &s, 1000, &[1, 2]);
-    c.step(&s, Now::at(1000), report("web", 1, 3, Observed::Running, 0));
-    c.take_commands();
+    let (mut s, mut c) = web_running_on_1_gen_3();
     let failed = |n| failed_on_1_gen_3("oom", n);
     c.step(&s, Now::at(1100), failed(0));
     let restart = Cmd::Restart {
